@@ -1,0 +1,267 @@
+"""Typed, validated run configuration (architecture spec, "Config").
+
+A run config is YAML with four sections — `model`, `method`, `data`, `train`, `eval` — loaded into
+pydantic models that forbid unknown keys. `model` may be the name of a size file shipped in
+`vlp/configs/models/` (`tiny`, `base`) or an inline mapping; `--set a.b=c` overrides any leaf.
+
+Errors a user can act on:
+  * unknown / mistyped key  -> ConfigError naming the dotted key and the closest valid one;
+  * missing file            -> ConfigError naming the path;
+  * wrong value type        -> ConfigError naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+MODEL_SIZE_DIR = CONFIG_DIR / "models"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased so the user knows what to change."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------- model
+class VisionConfig(_Strict):
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+
+class TextConfig(_Strict):
+    vocab_size: Optional[int] = None  # None: taken from the tokenizer at build time
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    max_len: int = 64
+    type_vocab: int = 2
+    norm: Literal["post", "pre"] = "post"  # post-LN = BERT (required for MiniLM init)
+    init: Literal["none", "minilm"] = "none"
+    dropout: float = 0.0
+
+
+class FusionConfig(_Strict):
+    type: Literal["cross", "single"] = "cross"  # ALBEF cross-attention | single-stream (UNITER/CMAL)
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+
+class ModelConfig(_Strict):
+    name: str = "custom"
+    embed_dim: int = 64  # ITC projection dimension
+    temperature: float = 0.07  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
+    vision: VisionConfig = Field(default_factory=VisionConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+
+
+# ---------------------------------------------------------------------------------------- method
+class LossWeights(_Strict):
+    itc: float = 1.0
+    itm: float = 1.0
+    mlm: float = 1.0
+
+
+class MethodConfig(_Strict):
+    name: Literal["albef"] = "albef"
+    mlm_prob: float = 0.15
+    itm_hard_negatives: bool = True
+    momentum_distill: bool = False
+    momentum: float = 0.995
+    queue_size: int = 0  # 0 = no queue; ALBEF uses 65536
+    distill_alpha: float = 0.4
+    loss_weights: LossWeights = Field(default_factory=LossWeights)
+
+
+# ------------------------------------------------------------------------------------------ data
+class DataConfig(_Strict):
+    source: Literal["world"] = "world"
+    world_seed: int = 0
+    image_size: int = 64
+    budget: Optional[int] = 4000  # paired-data budget: first N (image, caption) rows of train; None = all
+    train_images: int = 20000  # size of the train split (images); budgets are prefixes of it
+    max_text_len: int = 32
+    vocab_size: int = 1000  # WordPiece vocab trained on the world's text
+    tokenizer: Literal["world", "bert"] = "world"  # bert = packaged uncased vocab (MiniLM)
+    num_workers: int = 0
+
+
+# ----------------------------------------------------------------------------------------- train
+class TrainConfig(_Strict):
+    steps: int = 200
+    batch_size: int = 64  # global batch (split across ranks and accumulation micro-batches)
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0 = off
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    ckpt_every: int = 100  # 0 = only at the end
+    out_dir: str = "runs/pretrain"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class EvalConfig(_Strict):
+    split: Literal["val", "test", "compositional"] = "test"
+    num_images: int = 200
+    k_rerank: int = 16  # ITC top-k re-ranked by ITM; 0 = ITC only
+    batch_size: int = 128
+
+
+class RunConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+# ------------------------------------------------------------------------------------- loading
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (check the path; shipped configs live in {CONFIG_DIR})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def model_size(name: str) -> dict:
+    """The model-size mapping shipped as `vlp/configs/models/<name>.yaml`."""
+    path = MODEL_SIZE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in MODEL_SIZE_DIR.glob("*.yaml"))
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown model size '{name}' (known: {', '.join(known)}){hint}")
+    data = _read_yaml(path)
+    data.setdefault("name", name)
+    return data
+
+
+def _parse_scalar(text: str) -> Any:
+    """`--set` values are YAML scalars: 3 -> int, 3e-4 -> float, true -> bool, [1,2] -> list."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):  # PyYAML reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_valid_keys(annotation, dotted + "."))
+    return keys
+
+
+def _friendly(err: ValidationError, source: str) -> ConfigError:
+    valid = _valid_keys(RunConfig)
+    lines = []
+    for item in err.errors():
+        dotted = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
+            if not close:  # compare the leaf name within the same section
+                section = dotted.rsplit(".", 1)[0] + "." if "." in dotted else ""
+                leaf = dotted.rsplit(".", 1)[-1]
+                siblings = [k for k in valid if k.startswith(section) and "." not in k[len(section):]]
+                leaves = difflib.get_close_matches(leaf, [k[len(section):] for k in siblings], n=1, cutoff=0.4)
+                close = [section + leaves[0]] if leaves else []
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f"unknown config key '{dotted}'{hint}")
+        else:
+            lines.append(f"config key '{dotted}': {item['msg']} (got {item.get('input')!r})")
+    return ConfigError(f"{source}: " + "; ".join(lines))
+
+
+def build_config(raw: dict, overrides: list[str] | None = None, source: str = "config") -> RunConfig:
+    """Validate a raw mapping (+ `key=value` overrides) into a `RunConfig`."""
+    raw = dict(raw)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}' (example: --set train.steps=100)")
+        key, text = item.split("=", 1)
+        _set_dotted(raw, key.strip(), _parse_scalar(text))
+    model = raw.get("model", "tiny")
+    if isinstance(model, str):
+        raw["model"] = model_size(model)
+    elif isinstance(model, dict) and "size" in model:  # a size plus per-key overrides
+        base = model_size(str(model["size"]))
+        rest = {k: v for k, v in model.items() if k != "size"}
+        raw["model"] = _deep_merge(base, rest)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise _friendly(err, source) from None
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config. A bare name (`albef_tiny`) resolves to a shipped config."""
+    if path is None:
+        raw: dict = {}
+        source = "defaults"
+    else:
+        p = Path(path)
+        if not p.exists() and not p.suffix and (CONFIG_DIR / f"{p}.yaml").is_file():
+            p = CONFIG_DIR / f"{p}.yaml"
+        raw = _read_yaml(p)
+        source = str(p)
+    return build_config(raw, overrides, source)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (written into every run directory and checkpoint)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,75 @@
+"""The few types every layer agrees on (architecture spec, "The few types everything agrees on").
+
+`Batch` is the one container handed from data collation to methods, tasks and the trainer.
+Fields that a source cannot provide stay `None`; collation pads variable-length fields and
+records masks, so a consumer never has to guess lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    """One collated mini-batch.
+
+    Shapes (B = batch, T = tokens, N = regions):
+      images          (B, 3, H, W) float, normalised (see `vlp.data.transforms`)
+      input_ids       (B, T) long, `[CLS] ... [SEP] [PAD]...`
+      attention_mask  (B, T) long/bool, 1 = real token
+      image_ids       (B,) long, the image index of each row: rows with the same id are positives
+                      of each other in contrastive losses (several captions of one image).
+      region_boxes    (B, N, 4) normalised x1, y1, x2, y2 (or (B, N, 7) with w, h, w*h)
+      region_labels   (B, N) long, class id + 1 (0 = background / unknown / padding)
+      region_mask     (B, N) bool, True = a real region
+      region_feats    (B, N, D) float, precomputed detector features (instead of / besides images)
+      labels          (B,) task label (VE class, NLVR2 truth, ...)
+      answers         (B, A) float soft VQA targets
+      target_boxes    (B, 4) REC target
+      pair_index      (B,) long, NLVR2: which pair a row belongs to
+      neg_input_ids / neg_attention_mask (B, T): attribute-swapped hard-negative captions
+      sample_keys     (B,) long, unique per (seed, epoch, dataset row); set by the trainer. Methods
+                      seed per-sample randomness (masking, negative sampling) from it
+                      (`vlp.models.rng.keyed_uniform`), so a result does not depend on how a global
+                      batch is split over ranks or accumulation micro-batches, and resume is exact.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    images: Optional[Tensor] = None
+    image_ids: Optional[Tensor] = None
+    region_boxes: Optional[Tensor] = None
+    region_labels: Optional[Tensor] = None
+    region_mask: Optional[Tensor] = None
+    region_feats: Optional[Tensor] = None
+    labels: Optional[Tensor] = None
+    answers: Optional[Tensor] = None
+    target_boxes: Optional[Tensor] = None
+    pair_index: Optional[Tensor] = None
+    neg_input_ids: Optional[Tensor] = None
+    neg_attention_mask: Optional[Tensor] = None
+    sample_keys: Optional[Tensor] = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        """Move every tensor field to `device` (floats keep their dtype; AMP casts inside the model)."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device, non_blocking=non_blocking) if isinstance(value, Tensor) else value
+        return replace(self, **moved)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def slice(self, start: int, stop: int) -> "Batch":
+        """Rows [start, stop) of every tensor field (used for gradient-accumulation micro-batches)."""
+        sliced = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            sliced[f.name] = value[start:stop] if isinstance(value, Tensor) else value
+        return replace(self, **sliced)
