@@ -93,8 +93,7 @@ class MethodConfig(_Strict):
 # ------------------------------------------------------------------------------------------ data
 class DataConfig(_Strict):
     source: Literal["world"] = "world"
-    world_seed: int = 0
-    image_size: int = 64
+    world_seed: int = 0  # images are rendered at model.vision.image_size
     budget: Optional[int] = 4000  # paired-data budget: first N (image, caption) rows of train; None = all
     train_images: int = 20000  # size of the train split (images); budgets are prefixes of it
     max_text_len: int = 32

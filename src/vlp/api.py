@@ -1,0 +1,215 @@
+"""The Python API; the CLI (`vlp ...`) is a thin shell over these functions.
+
+    from vlp.api import pretrain, evaluate_checkpoint, show_world
+    run_dir = pretrain("albef_tiny", overrides=["train.steps=50"])
+    metrics = evaluate_checkpoint(run_dir / "checkpoint")
+
+A run directory holds: `config.yaml` (resolved), `tokenizer.json`, `metrics.jsonl`, `checkpoint/`,
+`eval.json`, `loss_curve.png` and `retrieval_examples.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlp.config import RunConfig, dump_config, load_config
+from vlp.data.datasets import PairDataset, RetrievalSet, collate
+from vlp.data.tokenizer import TextTokenizer
+from vlp.data.world import World, render_grid
+from vlp.methods import build_method
+from vlp.models.model import VLModel
+from vlp.tasks.retrieval import evaluate_retrieval, retrieval_examples
+from vlp.train.checkpoint import load_model_weights
+from vlp.train.launch import distributed_context
+from vlp.train.loop import Trainer
+from vlp.viz import plot_loss_curve, plot_retrieval_examples
+
+EVAL_SPLIT_SIZE = 1000  # images in each of val / test / compositional
+
+
+def build_world(cfg: RunConfig) -> World:
+    """The embedded world at the model's image size; budgets are prefixes of its train split."""
+    return World(
+        seed=cfg.data.world_seed,
+        image_size=cfg.model.vision.image_size,
+        sizes={
+            "train": cfg.data.train_images,
+            "val": EVAL_SPLIT_SIZE,
+            "test": EVAL_SPLIT_SIZE,
+            "compositional": EVAL_SPLIT_SIZE,
+        },
+    )
+
+
+def build_tokenizer(cfg: RunConfig, world: World) -> TextTokenizer:
+    if cfg.data.tokenizer == "bert":
+        return TextTokenizer.bert_uncased()
+    return TextTokenizer.train_on_world(world, vocab_size=cfg.data.vocab_size)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def retrieval_set(cfg: RunConfig, world: World, tokenizer: TextTokenizer) -> RetrievalSet:
+    if cfg.eval.num_images > EVAL_SPLIT_SIZE:
+        raise ValueError(f"eval.num_images={cfg.eval.num_images} exceeds the world's {cfg.eval.split} split ({EVAL_SPLIT_SIZE} images)")
+    return RetrievalSet.build(world.split(cfg.eval.split), tokenizer, cfg.data.max_text_len, cfg.eval.num_images)
+
+
+def _amp_dtype(cfg: RunConfig) -> torch.dtype | None:
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+
+
+def run_retrieval_eval(model: VLModel, rset: RetrievalSet, cfg: RunConfig, device: torch.device) -> dict[str, float]:
+    amp = _amp_dtype(cfg)
+    if amp is torch.float16 and device.type == "cpu":
+        amp = torch.bfloat16
+    return evaluate_retrieval(
+        model, rset, batch_size=cfg.eval.batch_size, k_rerank=cfg.eval.k_rerank, device=device, amp_dtype=amp
+    )
+
+
+def write_retrieval_figure(model: VLModel, rset: RetrievalSet, cfg: RunConfig, device: torch.device, png: Path) -> None:
+    queries, topk = retrieval_examples(model, rset, num_queries=6, k=5, batch_size=cfg.eval.batch_size, device=device)
+    plot_retrieval_examples(rset.captions, rset.images, queries, topk, rset.txt2img, png)
+
+
+def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None, resume: str | Path | None = None) -> Path:
+    """Pre-train a method on the configured data; returns the run directory.
+
+    Works unchanged under `torchrun` (DDP; gloo on CPU, NCCL on CUDA). Evaluation, plots and the
+    final table are produced on rank 0.
+    """
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    out_dir = Path(cfg.train.out_dir)
+    with distributed_context() as dist_info:
+        world = build_world(cfg)
+        tokenizer = build_tokenizer(cfg, world)
+        if dist_info.rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(dump_config(cfg))
+            tokenizer.save(out_dir / "tokenizer.json")
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+        method = build_method(cfg, model, tokenizer)
+        dataset = PairDataset(world.split("train"), tokenizer, cfg.data.max_text_len, cfg.data.budget)
+        rset = retrieval_set(cfg, world, tokenizer) if dist_info.rank == 0 else None
+        device = resolve_device(cfg.train.device)
+
+        def eval_fn(trained: torch.nn.Module, step: int) -> dict[str, float]:
+            metrics = run_retrieval_eval(trained.model, rset, cfg, device)
+            return metrics
+
+        trainer = Trainer(
+            cfg, method, dataset, collate, out_dir,
+            eval_fn=eval_fn, tokenizer_json=str(out_dir / "tokenizer.json"),
+        )
+        records = trainer.fit(resume=resume)
+        if dist_info.rank == 0:
+            final = [r for r in records if any(k.startswith("eval/") for k in r)]
+            if final:
+                (out_dir / "eval.json").write_text(json.dumps(final[-1], indent=2))
+            plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
+            write_retrieval_figure(method.model, rset, cfg, device, out_dir / "retrieval_examples.png")
+    return out_dir
+
+
+def load_checkpoint_model(checkpoint: str | Path) -> tuple[RunConfig, TextTokenizer, VLModel]:
+    """Rebuild config, tokenizer and model from a checkpoint directory (or a run directory)."""
+    path = Path(checkpoint)
+    if (path / "checkpoint").is_dir():
+        path = path / "checkpoint"
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {path} (pass the run's checkpoint/ folder)")
+    for name in ("config.yaml", "tokenizer.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} is missing: {path} is not a complete vlp checkpoint")
+    cfg = load_config(path / "config.yaml")
+    tokenizer = TextTokenizer.load(path / "tokenizer.json")
+    model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+    load_model_weights(path, model)
+    return cfg, tokenizer, model
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path, overrides: list[str] | None = None, out_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Retrieval metrics (ITC and ITM re-ranked) of a pre-trained checkpoint on the world's test split."""
+    cfg, tokenizer, model = load_checkpoint_model(checkpoint)
+    if overrides:
+        cfg = load_config(Path(checkpoint) / "config.yaml" if (Path(checkpoint) / "config.yaml").is_file()
+                          else Path(checkpoint) / "checkpoint" / "config.yaml", overrides)
+    device = resolve_device(cfg.train.device)
+    model.to(device).eval()
+    world = build_world(cfg)
+    rset = retrieval_set(cfg, world, tokenizer)
+    metrics = run_retrieval_eval(model, rset, cfg, device)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+        write_retrieval_figure(model, rset, cfg, device, out / "retrieval_examples.png")
+    return metrics
+
+
+def show_world(out: str | Path, split: str = "train", count: int = 16, image_size: int = 64, seed: int = 0) -> Path:
+    """Render `count` samples of a world split to a PNG grid (captions, boxes, a hard negative)."""
+    world = World(seed=seed, image_size=image_size)
+    data = world.split(split)
+    samples = [data[i] for i in range(min(count, len(data)))]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    render_grid(samples, out)
+    return out
+
+
+DEMO_COLUMNS = ["method", "pairs", "steps", "train_s", "t2i_R@1", "i2t_R@1", "r_mean", "t2i_R@1_itm", "r_mean_itm", "hardneg_itm", "chance_R@1"]
+
+
+def demo(out_dir: str | Path = "runs/demo", overrides: list[str] | None = None) -> str:
+    """Pre-train the tiny baseline on the world, evaluate retrieval, return the metrics table.
+
+    Sized to finish within 10 minutes on 2 CPU cores (see README for measured figures).
+    """
+    from vlp.viz import format_table
+
+    out_dir = Path(out_dir)
+    rows = []
+    for method in ["albef"]:
+        run_overrides = [f"method.name={method}", f"train.out_dir={out_dir / method}", *(overrides or [])]
+        cfg = load_config("demo", run_overrides)
+        start = time.time()
+        run_dir = pretrain(cfg)
+        seconds = time.time() - start
+        metrics = json.loads((run_dir / "eval.json").read_text())
+        rows.append(_demo_row(method, cfg, seconds, metrics))
+    table = format_table(rows, DEMO_COLUMNS)
+    (out_dir / "results.md").write_text(table + "\n")
+    return table
+
+
+def _demo_row(method: str, cfg: RunConfig, seconds: float, m: dict[str, float]) -> dict[str, Any]:
+    get = lambda key: m.get(f"eval/{key}", m.get(key, float("nan")))  # noqa: E731
+    return {
+        "method": method,
+        "pairs": cfg.data.budget,
+        "steps": cfg.train.steps,
+        "train_s": round(seconds),
+        "t2i_R@1": round(get("itc/img_r1"), 1),
+        "i2t_R@1": round(get("itc/txt_r1"), 1),
+        "r_mean": round(get("itc/r_mean"), 1),
+        "t2i_R@1_itm": round(get("itm/img_r1"), 1),
+        "r_mean_itm": round(get("itm/r_mean"), 1),
+        "hardneg_itm": round(get("itm/hard_neg_acc"), 1),
+        "chance_R@1": round(100.0 / cfg.eval.num_images, 2),
+    }

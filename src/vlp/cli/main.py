@@ -1,0 +1,118 @@
+"""`vlp` command line: pretrain, eval, world show, demo.
+
+Every command is a thin shell over `vlp.api`. User mistakes (bad config key, missing file,
+incompatible checkpoint, corrupt image) print one `error: ...` line naming the thing and the fix,
+and exit with status 2; a traceback means a bug in vlp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from vlp.config import ConfigError
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.steps=100 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlp", description="Data-efficient vision-language pre-training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pre-train a method (YAML config; works under torchrun)")
+    p.add_argument("--config", required=True, help="YAML file, or a shipped config name (albef_tiny, albef_base)")
+    p.add_argument("--method", default=None, help="shorthand for --set method.name=NAME")
+    p.add_argument("--out", default=None, help="shorthand for --set train.out_dir=DIR")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue exactly from a run or checkpoint directory")
+    _add_set(p)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint")
+    esub = e.add_subparsers(dest="task", required=True)
+    r = esub.add_parser("retrieval", help="image<->text recall@1/5/10 (ITC and ITM re-ranked) + hard negatives")
+    r.add_argument("--checkpoint", required=True, help="checkpoint directory (or the run directory holding it)")
+    r.add_argument("--out", default=None, help="directory for eval.json and retrieval_examples.png")
+    _add_set(r)
+
+    w = sub.add_parser("world", help="the embedded procedural world")
+    wsub = w.add_subparsers(dest="world_command", required=True)
+    s = wsub.add_parser("show", help="render a PNG grid of samples with captions, boxes and a hard negative")
+    s.add_argument("--split", default="train", choices=["train", "val", "test", "compositional", "unpaired_images"])
+    s.add_argument("--count", type=int, default=16)
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="world.png")
+
+    b = sub.add_parser("bench", help="measure step throughput, MFU, memory, or world rendering speed")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    bt = bsub.add_parser("train", help="samples/s, peak memory and MFU of a pre-training step (synthetic batch)")
+    bt.add_argument("--config", default="albef_tiny")
+    bt.add_argument("--batch-size", type=int, default=None)
+    bt.add_argument("--steps", type=int, default=5)
+    _add_set(bt)
+    bw = bsub.add_parser("world", help="world rendering samples/s on one core")
+    bw.add_argument("--image-size", type=int, default=64)
+    bw.add_argument("--count", type=int, default=200)
+
+    d = sub.add_parser("demo", help="pre-train the tiny baseline on the world and print a metrics table")
+    d.add_argument("--out", default="runs/demo")
+    _add_set(d)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from vlp import api  # heavy imports (torch) only once the arguments are valid
+    from vlp.viz import format_table
+
+    if args.command == "pretrain":
+        overrides = list(args.overrides)
+        if args.method:
+            overrides.append(f"method.name={args.method}")
+        if args.out:
+            overrides.append(f"train.out_dir={args.out}")
+        run_dir = api.pretrain(args.config, overrides, resume=args.resume)
+        print(f"run directory: {run_dir}")
+        return 0
+    if args.command == "eval":
+        metrics = api.evaluate_checkpoint(args.checkpoint, args.overrides, out_dir=args.out)
+        print(format_table([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"]))
+        return 0
+    if args.command == "world":
+        out = api.show_world(args.out, args.split, args.count, args.image_size, args.seed)
+        print(f"wrote {out}")
+        return 0
+    if args.command == "bench":
+        from vlp import bench
+
+        if args.bench_command == "train":
+            result = bench.bench_train_step(args.config, args.overrides, args.batch_size, args.steps)
+        else:
+            result = bench.bench_world(args.image_size, args.count)
+        print(format_table([{"metric": k, "value": v} for k, v in result.items()], ["metric", "value"]))
+        return 0
+    if args.command == "demo":
+        start = time.time()
+        table = api.demo(Path(args.out), args.overrides)
+        print(table)
+        print(f"demo wall time: {time.time() - start:.0f} s; run directory: {args.out}")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
