@@ -20,12 +20,13 @@ import torch
 from vlp.config import RunConfig, dump_config, load_config
 from vlp.data.datasets import PairDataset, RetrievalSet, collate
 from vlp.data.tokenizer import TextTokenizer
-from vlp.data.world import World, render_grid
+from vlp.data.render import render_grid
+from vlp.data.world import World
 from vlp.methods import build_method
 from vlp.models.model import VLModel
 from vlp.tasks.retrieval import evaluate_retrieval, retrieval_examples
 from vlp.train.checkpoint import load_model_weights
-from vlp.train.launch import distributed_context
+from vlp.train import launch
 from vlp.train.loop import Trainer
 from vlp.viz import plot_loss_curve, plot_retrieval_examples
 
@@ -63,7 +64,9 @@ def resolve_device(name: str) -> torch.device:
 def retrieval_set(cfg: RunConfig, world: World, tokenizer: TextTokenizer) -> RetrievalSet:
     if cfg.eval.num_images > EVAL_SPLIT_SIZE:
         raise ValueError(f"eval.num_images={cfg.eval.num_images} exceeds the world's {cfg.eval.split} split ({EVAL_SPLIT_SIZE} images)")
-    return RetrievalSet.build(world.split(cfg.eval.split), tokenizer, cfg.data.max_text_len, cfg.eval.num_images)
+    return RetrievalSet.build(
+        world.split(cfg.eval.split), tokenizer, cfg.data.max_text_len, cfg.eval.num_images, max_words=cfg.data.max_text_len
+    )
 
 
 def _amp_dtype(cfg: RunConfig) -> torch.dtype | None:
@@ -92,35 +95,33 @@ def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None,
     """
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     out_dir = Path(cfg.train.out_dir)
-    with distributed_context() as dist_info:
+    with launch.distributed_session(cfg.train.device):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         world = build_world(cfg)
         tokenizer = build_tokenizer(cfg, world)
-        if dist_info.rank == 0:
+        if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(dump_config(cfg))
             tokenizer.save(out_dir / "tokenizer.json")
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
         method = build_method(cfg, model, tokenizer)
-        dataset = PairDataset(world.split("train"), tokenizer, cfg.data.max_text_len, cfg.data.budget)
-        rset = retrieval_set(cfg, world, tokenizer) if dist_info.rank == 0 else None
-        device = resolve_device(cfg.train.device)
-
+        dataset = PairDataset(world.split("train"), tokenizer, cfg.data.max_text_len, cfg.data.budget, max_words=cfg.data.max_text_len)
+        rset = retrieval_set(cfg, world, tokenizer) if rank == 0 else None
         def eval_fn(trained: torch.nn.Module, step: int) -> dict[str, float]:
-            metrics = run_retrieval_eval(trained.model, rset, cfg, device)
-            return metrics
+            return run_retrieval_eval(trained.model, rset, cfg, trainer.device)
 
         trainer = Trainer(
             cfg, method, dataset, collate, out_dir,
             eval_fn=eval_fn, tokenizer_json=str(out_dir / "tokenizer.json"),
         )
         records = trainer.fit(resume=resume)
-        if dist_info.rank == 0:
+        if rank == 0:
             final = [r for r in records if any(k.startswith("eval/") for k in r)]
             if final:
                 (out_dir / "eval.json").write_text(json.dumps(final[-1], indent=2))
             plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
-            write_retrieval_figure(method.model, rset, cfg, device, out_dir / "retrieval_examples.png")
+            write_retrieval_figure(method.model, rset, cfg, trainer.device, out_dir / "retrieval_examples.png")
     return out_dir
 
 

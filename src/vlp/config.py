@@ -96,7 +96,7 @@ class DataConfig(_Strict):
     world_seed: int = 0  # images are rendered at model.vision.image_size
     budget: Optional[int] = 4000  # paired-data budget: first N (image, caption) rows of train; None = all
     train_images: int = 20000  # size of the train split (images); budgets are prefixes of it
-    max_text_len: int = 32
+    max_text_len: int = 40  # world captions reach ~35 words (one token each)
     vocab_size: int = 1000  # WordPiece vocab trained on the world's text
     tokenizer: Literal["world", "bert"] = "world"  # bert = packaged uncased vocab (MiniLM)
     num_workers: int = 0

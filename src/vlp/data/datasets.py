@@ -1,0 +1,358 @@
+"""Datasets over the embedded world (and COCO-style retrieval files) and their collation into `Batch`.
+
+- `PairDataset`: (image, caption) rows for pre-training, image-major (row r = image r // 5, caption
+  r % 5), so a paired-data budget is simply a prefix of rows and budgets nest (1k ⊂ 4k ⊂ 16k ...).
+- `collate`: stacks images, pads token ids and region boxes/labels, records masks, fills `sample_keys`.
+- `RetrievalSet`: a fully materialised image/text retrieval benchmark (COCO convention, 5 captions per
+  image) with the txt2img / img2txt ground truth ALBEF's `itm_eval` needs, plus attribute-swap hard
+  negatives from the world; also loads ALBEF/BLIP `coco_karpathy_test.json` files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from vlp.data.tokenizer import TextTokenizer
+from vlp.data.transforms import image_to_tensor, load_image
+from vlp.types import Batch
+
+
+def _sample_name(sample: Any, fallback_index: int) -> str:
+    """Human-readable id of a world sample for error messages."""
+    index = getattr(sample, "index", fallback_index)
+    scene = getattr(sample, "scene_id", None)
+    return f"sample {index}" + (f" (scene {scene})" if scene is not None else "")
+
+
+def _regions(sample: Any) -> tuple[Tensor, Tensor]:
+    """Object boxes (N, 4) float32 normalised xyxy and labels (N,) long = class_id + 1 (0 is padding)."""
+    objects = list(sample.objects)
+    if not objects:
+        return torch.zeros((0, 4), dtype=torch.float32), torch.zeros((0,), dtype=torch.long)
+    boxes = torch.tensor(np.asarray([o.box_norm for o in objects], dtype=np.float32).reshape(-1, 4))
+    labels = torch.tensor([int(o.class_id) + 1 for o in objects], dtype=torch.long)
+    return boxes, labels
+
+
+class PairDataset(Dataset):
+    """Map-style (image, caption) dataset over a world split, image-major.
+
+    Row r -> image `r // captions_per_image`, caption `r % captions_per_image` of that image. With
+    `budget` = B the dataset is rows [0, B): the first B pairs of the split, so budgets are nested prefixes
+    (world spec: "paired-data budgets are prefixes of the train split"). Captions are normalised with
+    `pre_caption(text, max_words)` (ALBEF: 30 words) and cut to `max_len` tokens.
+
+    `__getitem__` returns a dict (collated by `collate`):
+      image          (3, H, W) float32, normalised (`vlp.data.transforms.image_to_tensor`)
+      caption        str, the raw caption
+      input_ids      (T,) long, `[CLS] ... [SEP]` (tokenised here, in the worker; T <= max_len)
+      pad_id         int, the tokenizer's [PAD] id (so `collate` needs no tokenizer)
+      image_id       int, the image index in the split (rows of one image are ITC positives)
+      region_boxes   (N, 4) float32 normalised x1, y1, x2, y2
+      region_labels  (N,) long, class_id + 1
+      row            int, the dataset row (becomes `Batch.sample_keys`)
+    """
+
+    def __init__(
+        self,
+        split: Sequence[Any],
+        tokenizer: TextTokenizer,
+        max_len: int,
+        budget: Optional[int] = None,
+        captions_per_image: int = 5,
+        image_size: Optional[int] = None,
+        max_words: int = 30,
+    ) -> None:
+        if captions_per_image < 1:
+            raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2 to hold [CLS] and [SEP], got {max_len}")
+        available = len(split) * captions_per_image
+        if budget is None:
+            budget = available
+        elif budget < 1:
+            raise ValueError(f"budget must be a positive number of (image, caption) pairs, got {budget}")
+        elif budget > available:
+            raise ValueError(
+                f"budget={budget} pairs exceeds the split: it has {len(split)} images x {captions_per_image} "
+                f"captions = {available} rows; lower the budget or enlarge the split"
+            )
+        self.split = split
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+        self.budget = budget
+        self.captions_per_image = captions_per_image
+        self.image_size = image_size
+        self.max_words = max_words
+
+    def __len__(self) -> int:
+        return self.budget
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """Row -> (image index, caption index)."""
+        return row // self.captions_per_image, row % self.captions_per_image
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        if row < 0:
+            row += len(self)
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} out of range for a PairDataset of {len(self)} rows")
+        image_index, caption_index = self.locate(row)
+        sample = self.split[image_index]
+        captions = list(sample.captions)
+        if len(captions) < self.captions_per_image:
+            raise ValueError(
+                f"{_sample_name(sample, image_index)} has {len(captions)} captions, but PairDataset needs "
+                f"{self.captions_per_image} per image; regenerate the split or lower captions_per_image"
+            )
+        if sample.image is None:
+            raise ValueError(
+                f"{_sample_name(sample, image_index)} has no image (a text-only split such as "
+                f"unpaired_text); PairDataset needs a split with images"
+            )
+        caption = captions[caption_index]
+        input_ids, _ = self.tokenizer.encode([caption], self.max_len, max_words=self.max_words)
+        boxes, labels = _regions(sample)
+        return {
+            "image": image_to_tensor(sample.image, self.image_size),
+            "caption": caption,
+            "input_ids": input_ids[0],
+            "pad_id": self.tokenizer.pad_id,
+            "image_id": image_index,
+            "region_boxes": boxes,
+            "region_labels": labels,
+            "row": row,
+        }
+
+
+def collate(items: Sequence[dict[str, Any]]) -> Batch:
+    """Collate `PairDataset` items into a `Batch`.
+
+    Text is right-padded with [PAD] to the longest row (attention_mask 1 = token); regions are padded
+    to the most objects in the batch N (boxes 0, labels 0, `region_mask` False for padding).
+    Shapes: images (B,3,H,W), input_ids/attention_mask (B,T), image_ids (B,), region_boxes (B,N,4),
+    region_labels (B,N), region_mask (B,N) bool, sample_keys (B,) = dataset rows.
+    """
+    if len(items) == 0:
+        raise ValueError("collate got an empty list of items")
+    pad_ids = {int(item["pad_id"]) for item in items}
+    if len(pad_ids) != 1:
+        raise ValueError(f"items were tokenised with different tokenizers (pad ids {sorted(pad_ids)})")
+    pad_id = pad_ids.pop()
+    batch_size = len(items)
+
+    width = max(int(item["input_ids"].shape[0]) for item in items)
+    input_ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
+    for i, item in enumerate(items):
+        ids = item["input_ids"]
+        input_ids[i, : ids.shape[0]] = ids
+        attention_mask[i, : ids.shape[0]] = 1
+
+    num_regions = max(int(item["region_boxes"].shape[0]) for item in items)
+    region_boxes = torch.zeros((batch_size, num_regions, 4), dtype=torch.float32)
+    region_labels = torch.zeros((batch_size, num_regions), dtype=torch.long)
+    region_mask = torch.zeros((batch_size, num_regions), dtype=torch.bool)
+    for i, item in enumerate(items):
+        n = int(item["region_boxes"].shape[0])
+        region_boxes[i, :n] = item["region_boxes"]
+        region_labels[i, :n] = item["region_labels"]
+        region_mask[i, :n] = True
+
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        images=torch.stack([item["image"] for item in items]),
+        image_ids=torch.tensor([int(item["image_id"]) for item in items], dtype=torch.long),
+        region_boxes=region_boxes,
+        region_labels=region_labels,
+        region_mask=region_mask,
+        sample_keys=torch.tensor([int(item["row"]) for item in items], dtype=torch.long),
+    )
+
+
+def _ground_truth(counts: Sequence[int]) -> tuple[Tensor, list[list[int]]]:
+    """Captions per image -> (txt2img (sum counts,) long, img2txt list of caption-index lists)."""
+    txt2img: list[int] = []
+    img2txt: list[list[int]] = []
+    for image_index, count in enumerate(counts):
+        start = len(txt2img)
+        img2txt.append(list(range(start, start + count)))
+        txt2img.extend([image_index] * count)
+    return torch.tensor(txt2img, dtype=torch.long), img2txt
+
+
+@dataclass
+class RetrievalSet:
+    """An image-text retrieval benchmark held in memory (I images, C captions; C = 5I for the world).
+
+    images          (I, 3, H, W) float32, normalised
+    captions        list[str] (C,), the raw captions, image-major
+    input_ids       (C, T) long;  attention_mask (C, T) long
+    txt2img         (C,) long, the image of each caption
+    img2txt         list of I lists: the caption indices of each image
+    hard_image      (Hn,) long, image index of each hard pair (at most one per image; world only)
+    hard_pos_ids / hard_pos_mask  (Hn, Tp): the true caption of that image's hard pair
+    hard_neg_ids / hard_neg_mask  (Hn, Tn): the same caption with two objects' colours swapped
+    The hard_* fields are None for sets without hard pairs (e.g. Karpathy JSON files).
+    """
+
+    images: Tensor
+    captions: list[str]
+    input_ids: Tensor
+    attention_mask: Tensor
+    txt2img: Tensor
+    img2txt: list[list[int]]
+    hard_image: Optional[Tensor] = None
+    hard_pos_ids: Optional[Tensor] = None
+    hard_pos_mask: Optional[Tensor] = None
+    hard_neg_ids: Optional[Tensor] = None
+    hard_neg_mask: Optional[Tensor] = None
+
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_texts(self) -> int:
+        return len(self.captions)
+
+    @classmethod
+    def build(
+        cls,
+        split: Sequence[Any],
+        tokenizer: TextTokenizer,
+        max_len: int,
+        num_images: Optional[int] = None,
+        captions_per_image: int = 5,
+        image_size: Optional[int] = None,
+        max_words: int = 30,
+    ) -> "RetrievalSet":
+        """The first `num_images` images of a world split with their first `captions_per_image` captions.
+
+        Fixed 5 captions per image (COCO convention) so R@K is comparable across splits. Hard negatives:
+        each image's first `hard_pairs` entry whose positive and negative still differ after
+        `pre_caption(., max_words)` and truncation to `max_len` tokens (a swap past the cut would make
+        the "negative" identical to the positive); images with no such pair contribute none.
+        """
+        total = len(split)
+        if num_images is None:
+            num_images = total
+        if not 1 <= num_images <= total:
+            raise ValueError(f"num_images={num_images} is out of range: the split has {total} images")
+        images: list[Tensor] = []
+        captions: list[str] = []
+        hard_image: list[int] = []
+        hard_pos: list[str] = []
+        hard_neg: list[str] = []
+        for i in range(num_images):
+            sample = split[i]
+            sample_captions = list(sample.captions)
+            if len(sample_captions) < captions_per_image:
+                raise ValueError(
+                    f"{_sample_name(sample, i)} has {len(sample_captions)} captions; a retrieval set needs "
+                    f"{captions_per_image} per image (regenerate the split or lower captions_per_image)"
+                )
+            images.append(image_to_tensor(sample.image, image_size))
+            captions.extend(sample_captions[:captions_per_image])
+            for positive, negative in getattr(sample, "hard_pairs", None) or ():
+                pair_ids, pair_mask = tokenizer.encode([positive, negative], max_len, max_words=max_words)
+                if not torch.equal(pair_ids[0] * pair_mask[0], pair_ids[1] * pair_mask[1]):
+                    hard_image.append(i)
+                    hard_pos.append(positive)
+                    hard_neg.append(negative)
+                    break
+        input_ids, attention_mask = tokenizer.encode(captions, max_len, max_words=max_words)
+        txt2img, img2txt = _ground_truth([captions_per_image] * num_images)
+        result = cls(
+            images=torch.stack(images),
+            captions=captions,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            txt2img=txt2img,
+            img2txt=img2txt,
+        )
+        if hard_image:
+            result.hard_image = torch.tensor(hard_image, dtype=torch.long)
+            result.hard_pos_ids, result.hard_pos_mask = tokenizer.encode(hard_pos, max_len, max_words=max_words)
+            result.hard_neg_ids, result.hard_neg_mask = tokenizer.encode(hard_neg, max_len, max_words=max_words)
+        return result
+
+    @classmethod
+    def from_karpathy_json(
+        cls,
+        path: str | Path,
+        image_root: str | Path,
+        tokenizer: TextTokenizer,
+        max_len: int,
+        image_size: int,
+        max_words: int = 30,
+    ) -> "RetrievalSet":
+        """Load an ALBEF/BLIP retrieval eval file (`coco_karpathy_test.json`, `flickr30k_test.json`).
+
+        Schema: a JSON list of `{"image": path relative to image_root, "caption": [str, ...]}` (COCO has
+        5-7 captions per image; all are kept, as ALBEF does). Images are resized to image_size x
+        image_size. Every record is validated before any image is decoded, so a broken file fails fast,
+        naming the record index and the fix.
+        """
+        file = Path(path)
+        root = Path(image_root)
+        if not file.is_file():
+            raise FileNotFoundError(f"retrieval annotation file not found: {file}")
+        try:
+            records = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{file} is not valid JSON ({exc}); expected a list of {{'image', 'caption'}} records") from exc
+        if not isinstance(records, list) or not records:
+            raise ValueError(f"{file} must hold a non-empty JSON list of {{'image': path, 'caption': [str, ...]}} records")
+
+        image_paths: list[Path] = []
+        per_image: list[list[str]] = []
+        for index, record in enumerate(records):
+            where = f"{file} record {index}"
+            if not isinstance(record, dict) or "image" not in record or "caption" not in record:
+                raise ValueError(f"{where} must be an object with 'image' and 'caption' keys, got {record!r:.200}")
+            caps = record["caption"]
+            if isinstance(caps, str):
+                caps = [caps]
+            if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+                raise ValueError(f"{where}: 'caption' must be a list of strings, got {caps!r:.200}")
+            if not caps:
+                raise ValueError(f"{where} ({record['image']}) has an empty caption list; add captions or remove the record")
+            image_path = root / str(record["image"])
+            if not image_path.is_file():
+                raise FileNotFoundError(
+                    f"{where}: image not found: {image_path}; check image_root ({root}) or remove the record"
+                )
+            image_paths.append(image_path)
+            per_image.append(caps)
+
+        loaded: list[Tensor] = []
+        for index, image_path in enumerate(image_paths):
+            try:
+                loaded.append(load_image(image_path, image_size))
+            except ValueError as exc:
+                raise ValueError(f"{file} record {index}: {exc}") from exc
+        images = torch.stack(loaded)
+        captions = [c for caps in per_image for c in caps]
+        input_ids, attention_mask = tokenizer.encode(captions, max_len, max_words=max_words)
+        txt2img, img2txt = _ground_truth([len(caps) for caps in per_image])
+        return cls(
+            images=images,
+            captions=captions,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            txt2img=txt2img,
+            img2txt=img2txt,
+        )
+
+
+__all__ = ["PairDataset", "collate", "RetrievalSet"]

@@ -1,0 +1,155 @@
+"""Transformer building blocks shared by every encoder in `vlp.models`.
+
+One `Block` class serves the ViT (pre-LN), the BERT-style text encoder (post-LN), the ALBEF
+cross-attention fusion (post-LN + cross-attention) and the single-stream UNITER/CMAL encoder
+(post-LN over the joint sequence). Style follows nanoGPT / torchmultimodal: small modules, plain
+`forward`s, no hidden state.
+
+Shapes: B = batch, T = query tokens, S = key/value tokens, D = width, H = heads, hd = D // H.
+Masks are key-padding masks, (B, S) with True / 1 = a real token that may be attended to.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Norm = Literal["pre", "post"]
+
+# LayerNorm epsilons of the reference implementations: timm / ALBEF ViT use 1e-6, BERT uses 1e-12.
+VIT_LN_EPS = 1e-6
+BERT_LN_EPS = 1e-12
+
+
+class Attention(nn.Module):
+    """Multi-head scaled dot-product attention (Vaswani et al.; BERT's `BertSelfAttention` + `BertSelfOutput.dense`).
+
+    Self-attention when `context` is None; cross-attention otherwise, in which case keys and values
+    are projected from `context` whose width `kv_dim` may differ from the query width `dim` (ALBEF's
+    text-to-image cross-attention: queries 768-d text, keys/values ViT tokens).
+
+    Parameters: `q` (dim -> dim), `kv` (kv_dim -> 2*dim, keys then values), `proj` (dim -> dim).
+    """
+
+    def __init__(self, dim: int, heads: int, kv_dim: Optional[int] = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % heads != 0:
+            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        self.dim, self.heads, self.kv_dim = dim, heads, kv_dim or dim
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(self.kv_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_dropout = dropout  # on the attention probabilities (BERT's attention_probs_dropout)
+        self.proj_drop = nn.Dropout(dropout)  # on the output projection (BERT's hidden_dropout)
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None, key_mask: Optional[Tensor] = None) -> Tensor:
+        """x (B,T,D); context (B,S,kv_dim) or None (= x); key_mask (B,S) bool/0-1, True = attend -> (B,T,D).
+
+        A row whose key_mask is all False has no key to attend to and yields NaN (as in
+        `F.scaled_dot_product_attention`); callers always keep at least one valid key.
+        """
+        B, T, D = x.shape
+        ctx = x if context is None else context
+        S = ctx.shape[1]
+        hd = D // self.heads
+        q = self.q(x).view(B, T, self.heads, hd).transpose(1, 2)  # (B,H,T,hd)
+        k, v = self.kv(ctx).view(B, S, 2, self.heads, hd).permute(2, 0, 3, 1, 4)  # 2 x (B,H,S,hd)
+        mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.proj_drop(self.proj(y))
+
+    def flops(self, n_q: int, n_kv: int) -> int:
+        """Forward matmul FLOPs (2 per multiply-add) for n_q queries attending to n_kv keys."""
+        proj = 2 * n_q * (2 * self.dim * self.dim) + 2 * n_kv * (2 * self.kv_dim * self.dim)
+        scores = 2 * 2 * n_q * n_kv * self.dim  # Q K^T and P V
+        return proj + scores
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: Linear -> exact (erf) GELU -> Linear -> dropout (BERT intermediate/output, ViT Mlp)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="none")  # BERT's "gelu" is the exact erf form
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., D) -> (..., D)."""
+        return self.drop(self.fc2(self.act(self.fc1(x))))
+
+    def flops(self, n: int) -> int:
+        return 2 * n * 2 * self.fc1.in_features * self.fc1.out_features
+
+
+class Block(nn.Module):
+    """Transformer layer: self-attention, optional cross-attention, MLP — each a residual sub-layer.
+
+    norm='pre'  (ViT, GPT-2):  x = x + f(LN(x))
+    norm='post' (BERT, ALBEF): x = LN(x + f(x))   — the layout of pretrained BERT/MiniLM weights.
+
+    With `cross_dim` set the layer is an ALBEF fusion layer (BertLayer with `crossattention`):
+    self-attention over the text, then cross-attention from text queries to `context` tokens of
+    width `cross_dim`, then the MLP.
+
+    `eps` defaults to the reference value for the layout: 1e-6 pre-LN (timm ViT), 1e-12 post-LN (BERT).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        cross_dim: Optional[int] = None,
+        norm: Norm = "pre",
+        dropout: float = 0.0,
+        eps: Optional[float] = None,
+    ) -> None:
+        super().__init__()
+        if norm not in ("pre", "post"):
+            raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
+        eps = eps if eps is not None else (VIT_LN_EPS if norm == "pre" else BERT_LN_EPS)
+        self.norm_type = norm
+        self.attn = Attention(dim, heads, dropout=dropout)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.cross: Optional[Attention] = None
+        self.norm_cross: Optional[nn.LayerNorm] = None
+        if cross_dim is not None:
+            self.cross = Attention(dim, heads, kv_dim=cross_dim, dropout=dropout)
+            self.norm_cross = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Optional[Tensor] = None,
+        context: Optional[Tensor] = None,
+        context_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """x (B,T,D); mask (B,T) key padding; context (B,S,cross_dim); context_mask (B,S) -> (B,T,D)."""
+        if self.cross is not None and context is None:
+            raise ValueError("this Block has cross-attention: pass `context` (B, S, cross_dim)")
+        if self.norm_type == "pre":
+            x = x + self.attn(self.norm1(x), key_mask=mask)
+            if self.cross is not None:
+                x = x + self.cross(self.norm_cross(x), context, context_mask)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x, key_mask=mask))
+        if self.cross is not None:
+            x = self.norm_cross(x + self.cross(x, context, context_mask))
+        return self.norm2(x + self.mlp(x))
+
+    def flops(self, n: int, n_context: int = 0) -> int:
+        """Forward matmul FLOPs for a sequence of n tokens (and n_context cross-attended tokens)."""
+        total = self.attn.flops(n, n) + self.mlp.flops(n)
+        if self.cross is not None:
+            total += self.cross.flops(n, n_context)
+        return total

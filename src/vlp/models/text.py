@@ -1,0 +1,85 @@
+"""BERT-style text encoder (Devlin et al. 2019; layout of HF `BertModel` without the pooler).
+
+embeddings = Dropout(LN(word + position + token_type))  (LN eps 1e-12, as BERT)
+hidden     = `depth` Blocks, post-LN by default (BERT; required to load MiniLM weights)
+
+In ALBEF this is the "text encoder" half of BERT (the first 6 layers); the fusion half lives in
+`vlp.models.fusion`. CMAL swaps word and region vectors *before* positions/LN are added, so the
+embedding step is exposed on its own (`embed(word_embeds=...)`) as is the Transformer stack
+(`forward_from_embeddings`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from vlp.config import TextConfig
+from vlp.models.layers import BERT_LN_EPS, VIT_LN_EPS, Block
+
+
+class TextEncoder(nn.Module):
+    """Token ids (B, T) -> hidden states (B, T, D), D = cfg.width."""
+
+    def __init__(self, cfg: TextConfig, vocab_size: int, pad_id: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size, self.pad_id = vocab_size, pad_id
+        D = cfg.width
+        self.word_embeddings = nn.Embedding(vocab_size, D, padding_idx=pad_id)
+        self.position_embeddings = nn.Embedding(cfg.max_len, D)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab, D)
+        self.embed_norm = nn.LayerNorm(D, eps=BERT_LN_EPS)
+        self.embed_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            Block(D, cfg.heads, cfg.mlp_ratio, norm=cfg.norm, dropout=cfg.dropout) for _ in range(cfg.depth)
+        )
+        # A pre-LN stack leaves its residual stream un-normalised: close it with a LayerNorm (GPT-2).
+        self.final_norm = nn.LayerNorm(D, eps=VIT_LN_EPS) if cfg.norm == "pre" else nn.Identity()
+
+    def embed(
+        self,
+        input_ids: Optional[Tensor] = None,
+        token_type_ids: Optional[Tensor] = None,
+        word_embeds: Optional[Tensor] = None,
+    ) -> Tensor:
+        """BERT embeddings: input_ids (B,T) or word_embeds (B,T,D) [+ token_type_ids (B,T)] -> (B,T,D).
+
+        `word_embeds` replaces the word-embedding lookup (e.g. CMAL's swapped word/region vectors);
+        positions 0..T-1 and token types (default 0) are added, then LayerNorm and dropout.
+        """
+        if word_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or word_embeds")
+            word_embeds = self.word_embeddings(input_ids)
+        B, T, _ = word_embeds.shape
+        if T > self.cfg.max_len:
+            raise ValueError(
+                f"text has {T} tokens but the model has {self.cfg.max_len} positions (model.text.max_len): "
+                f"lower data.max_text_len or raise model.text.max_len"
+            )
+        positions = torch.arange(T, device=word_embeds.device)
+        x = word_embeds + self.position_embeddings(positions)[None]
+        if token_type_ids is None:
+            x = x + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        return self.embed_drop(self.embed_norm(x))
+
+    def forward_from_embeddings(self, x: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """x (B,T,D) embeddings, attention_mask (B,T) 1 = real token -> hidden states (B,T,D)."""
+        for block in self.blocks:
+            x = block(x, mask=attention_mask)
+        return self.final_norm(x)
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, token_type_ids: Optional[Tensor] = None
+    ) -> Tensor:
+        """input_ids (B,T), attention_mask (B,T) 1 = real token -> hidden states (B,T,D)."""
+        return self.forward_from_embeddings(self.embed(input_ids, token_type_ids), attention_mask)
+
+    def flops(self, text_len: int) -> int:
+        """Forward matmul FLOPs for one sequence of text_len tokens (embedding lookups are free)."""
+        return sum(block.flops(text_len) for block in self.blocks)

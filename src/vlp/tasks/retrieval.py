@@ -1,0 +1,587 @@
+"""Image-text retrieval evaluation: recall@K with ITC ranking and ALBEF-style ITM re-ranking.
+
+Protocol (research notes, anchors §2 "Retrieval eval (ALBEF `Retrieval.py::evaluation` + `itm_eval`)"):
+
+1. Encode every image and every text once; ITC similarity `sims = image_emb @ text_emb.T`
+   (L2-normalised embeddings, no temperature).
+2. Re-rank (`k_rerank > 0`): for each image its top-k texts by ITC, for each text its top-k images;
+   score those (image, text) pairs with the ITM head (positive-class logit of `fuse` on the cached
+   unimodal text states, = `VLModel.itm_score` without re-encoding the text per pair). ALBEF keeps the ITM logit
+   only (`rerank_score="itm"`, default); BLIP / LAVIS add the ITC similarity (`"itm+itc"`). Cells that
+   were not re-ranked are filled with −inf (ALBEF: −100; −inf keeps them below any logit).
+3. ALBEF shards image rows across ranks, fills a zero-initialised score matrix per rank and sums it
+   with `all_reduce(SUM)`; that only works because each row is owned by exactly one rank. vlp runs the
+   evaluation in a single process (rank 0) over the whole matrix, so there is no reduction to get wrong.
+4. `itm_eval`: image→text rank = best rank over the image's ground-truth captions (COCO convention);
+   text→image rank = rank of its one image; R@K = 100·mean(rank < K); `txt_r_mean`, `img_r_mean` and
+   `r_mean` are means of the R@Ks (naming as in ALBEF: `txt_r*` = text retrieval = image→text).
+
+Ties (ALBEF's `argsort` breaks them arbitrarily): vlp counts every tie against the model — the rank of a
+ground truth is the number of *non*-ground-truth candidates whose score is >= the (best) ground-truth
+score. A constant score matrix therefore gives R@K = 0 for K below the number of negatives, never 100.
+NaN scores are treated as −inf (a NaN ground truth is a miss).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Literal, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RetrievalModel",
+    "RetrievalData",
+    "RetrievalScores",
+    "retrieval_ranks",
+    "recall_at_k",
+    "chance_recall",
+    "hard_negative_accuracy",
+    "compute_retrieval_scores",
+    "evaluate_retrieval",
+    "retrieval_metrics",
+    "retrieval_examples",
+    "default_example_queries",
+]
+
+RerankScore = Literal["itm", "itm+itc"]
+
+
+class RetrievalModel(Protocol):
+    """What retrieval needs from a model (the `VLModel` contract, docs/contracts.md)."""
+
+    def encode_image(self, images: Tensor) -> Any:  # -> ImageOutput with `.tokens` (B, 1+P, Dv)
+        ...
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:  # (B, T, D)
+        ...
+
+    def image_embed(self, image_tokens: Tensor) -> Tensor:  # (B, E), L2-normalised
+        ...
+
+    def text_embed(self, text_hidden: Tensor) -> Tensor:  # (B, E), L2-normalised
+        ...
+
+    def fuse(self, text_hidden: Tensor, attention_mask: Tensor, image_tokens: Tensor) -> Any:
+        ...  # -> FusionOutput with `.cls` (B, D)
+
+    def itm_logits(self, cls: Tensor) -> Tensor:  # (B, 2), column 1 = matched
+        ...
+
+
+class RetrievalData(Protocol):
+    """What retrieval needs from a `vlp.data.datasets.RetrievalSet`.
+
+    images (I, 3, H, W); input_ids / attention_mask (Tn, T); txt2img (Tn,) long; img2txt list of I lists.
+    Optional hard negatives (H pairs): hard_image (H,) long image index, hard_pos_ids / hard_pos_mask and
+    hard_neg_ids / hard_neg_mask (H, T): a true caption and its attribute-swapped twin.
+    """
+
+    images: Tensor
+    input_ids: Tensor
+    attention_mask: Tensor
+    txt2img: Tensor
+    img2txt: list[list[int]]
+
+
+# ============================================================================== metrics (pure tensors)
+def _positive_mask(
+    txt2img: Tensor, img2txt: Optional[Sequence[Sequence[int]]], n_images: int, n_texts: int
+) -> Tensor:
+    """Bool (I, Tn): True where text t is a ground-truth caption of image i.
+
+    Built from `txt2img`; `img2txt`, when given, must describe the same pairs (it is checked, since a
+    silent disagreement would make one direction's recall meaningless).
+    """
+    txt2img = torch.as_tensor(txt2img, dtype=torch.long).cpu()
+    if txt2img.shape != (n_texts,):
+        raise ValueError(f"txt2img has shape {tuple(txt2img.shape)}, expected ({n_texts},) (one image per text)")
+    if n_texts and (int(txt2img.min()) < 0 or int(txt2img.max()) >= n_images):
+        raise ValueError(f"txt2img holds image indices outside [0, {n_images})")
+    mask = torch.zeros(n_images, n_texts, dtype=torch.bool)
+    mask[txt2img, torch.arange(n_texts)] = True
+    if img2txt is not None:
+        if len(img2txt) != n_images:
+            raise ValueError(f"img2txt has {len(img2txt)} entries, expected {n_images} (one per image)")
+        lengths = torch.tensor([len(t) for t in img2txt], dtype=torch.long)
+        rows = torch.repeat_interleave(torch.arange(n_images), lengths)
+        cols = torch.tensor(list(chain.from_iterable(img2txt)), dtype=torch.long)
+        other = torch.zeros_like(mask)
+        other[rows, cols] = True
+        if not torch.equal(mask, other):
+            raise ValueError("img2txt and txt2img describe different image-caption pairs")
+    empty = (~mask.any(dim=1)).nonzero().flatten()
+    if empty.numel():
+        raise ValueError(f"images without any ground-truth caption: {empty[:10].tolist()}")
+    return mask
+
+
+def _nan_to_neg_inf(x: Tensor) -> Tensor:
+    x = x.detach().float()
+    return torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+
+
+def retrieval_ranks(
+    sim_i2t: Tensor,
+    txt2img: Tensor,
+    img2txt: Optional[Sequence[Sequence[int]]] = None,
+    sim_t2i: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """0-based ranks of the ground truth, ties counted against the model (module docstring).
+
+    Args:
+        sim_i2t: (I, Tn) image→text scores (higher = better).
+        txt2img: (Tn,) long, the image of each text.
+        img2txt: optional list of I lists of text indices (checked against `txt2img`).
+        sim_t2i: (Tn, I) text→image scores; default `sim_i2t.T` (after ITM re-ranking the two
+            directions have different matrices, as in ALBEF's `score_matrix_i2t` / `_t2i`).
+
+    Returns:
+        rank_i2t (I,) long: #non-GT texts scoring >= the image's best GT caption
+            (= ALBEF's `min` over GT positions in `argsort(-score)` when there are no ties);
+        rank_t2i (Tn,) long: #other images scoring >= the text's GT image.
+    """
+    if sim_i2t.dim() != 2:
+        raise ValueError(f"sim_i2t must be (I, Tn), got shape {tuple(sim_i2t.shape)}")
+    n_images, n_texts = sim_i2t.shape
+    if sim_t2i is None:
+        sim_t2i = sim_i2t.T
+    if sim_t2i.shape != (n_texts, n_images):
+        raise ValueError(f"sim_t2i has shape {tuple(sim_t2i.shape)}, expected ({n_texts}, {n_images})")
+    device = sim_i2t.device
+    pos = _positive_mask(txt2img, img2txt, n_images, n_texts).to(device)  # (I, Tn)
+
+    s_i2t = _nan_to_neg_inf(sim_i2t)
+    best_gt = s_i2t.masked_fill(~pos, float("-inf")).amax(dim=1, keepdim=True)  # (I, 1)
+    rank_i2t = ((s_i2t >= best_gt) & ~pos).sum(dim=1)
+
+    s_t2i = _nan_to_neg_inf(sim_t2i.to(device))
+    gt_img = torch.as_tensor(txt2img, dtype=torch.long, device=device).unsqueeze(1)  # (Tn, 1)
+    gt_score = s_t2i.gather(1, gt_img)  # (Tn, 1)
+    rank_t2i = ((s_t2i >= gt_score) & ~pos.T).sum(dim=1)
+    return rank_i2t.cpu(), rank_t2i.cpu()
+
+
+def recall_at_k(
+    sim_i2t: Tensor,
+    txt2img: Tensor,
+    img2txt: Optional[Sequence[Sequence[int]]] = None,
+    ks: Sequence[int] = (1, 5, 10),
+    sim_t2i: Optional[Tensor] = None,
+) -> dict[str, float]:
+    """Recall@K in percent, ALBEF `itm_eval` (anchors §2, step 4) with pessimistic ties.
+
+    Args:
+        sim_i2t: (I, Tn) image→text scores; `sim_t2i` (Tn, I) optional (default `sim_i2t.T`).
+        txt2img: (Tn,) long; img2txt: optional list of I lists (COCO: 5 captions per image).
+        ks: the K values.
+
+    Returns:
+        `txt_r{k}` (image→text, "text retrieval"), `img_r{k}` (text→image) for each k, `txt_r_mean`,
+        `img_r_mean` (means over ks) and `r_mean` (mean of all 2·len(ks) recalls); floats in [0, 100].
+    """
+    rank_i2t, rank_t2i = retrieval_ranks(sim_i2t, txt2img, img2txt, sim_t2i)
+    ks_t = torch.as_tensor(list(ks), dtype=torch.long)
+    txt = (rank_i2t.unsqueeze(1) < ks_t).double().mean(dim=0) * 100.0  # (len(ks),)
+    img = (rank_t2i.unsqueeze(1) < ks_t).double().mean(dim=0) * 100.0
+    out: dict[str, float] = {}
+    for j, k in enumerate(ks):
+        out[f"txt_r{k}"] = float(txt[j])
+    for j, k in enumerate(ks):
+        out[f"img_r{k}"] = float(img[j])
+    out["txt_r_mean"] = float(txt.mean())
+    out["img_r_mean"] = float(img.mean())
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2.0
+    return out
+
+
+def chance_recall(k: int, n_images: int, captions_per_image: Optional[int] = None) -> float:
+    """Expected R@K (percent) of a random ranking, for "× chance" reporting.
+
+    `captions_per_image=None`: text→image (one GT among `n_images`): 100·min(k, n)/n.
+    Otherwise image→text: `c = captions_per_image` GTs among `n_images·c` texts; a hit needs at least one
+    GT in the top k: 100·(1 − C(N−c, k) / C(N, k)).
+    """
+    if n_images <= 0 or k <= 0:
+        raise ValueError(f"chance_recall needs k > 0 and n_images > 0, got k={k}, n_images={n_images}")
+    if captions_per_image is None:
+        return 100.0 * min(k, n_images) / n_images
+    c = int(captions_per_image)
+    n = n_images * c
+    k = min(k, n)
+    return 100.0 * (1.0 - math.comb(n - c, k) / math.comb(n, k))
+
+
+def hard_negative_accuracy(pos_scores: Tensor, neg_scores: Tensor) -> float:
+    """Percent of pairs whose true caption scores strictly above its attribute-swapped twin.
+
+    pos_scores, neg_scores: (H,). A tie (or a NaN) is a failure. Empty input gives NaN.
+    """
+    if pos_scores.shape != neg_scores.shape or pos_scores.dim() != 1:
+        raise ValueError(f"expected two (H,) tensors, got {tuple(pos_scores.shape)} and {tuple(neg_scores.shape)}")
+    if pos_scores.numel() == 0:
+        return float("nan")
+    return float((pos_scores.float() > neg_scores.float()).double().mean() * 100.0)
+
+
+# ============================================================================== model evaluation
+@dataclass
+class RetrievalScores:
+    """Everything `evaluate_retrieval` scores, kept for plotting and inspection (CPU, float32).
+
+    sim_itc (I, Tn) ITC cosine similarities; score_i2t (I, Tn) / score_t2i (Tn, I) re-ranked scores
+    (−inf outside the ITC top-k; None when k_rerank = 0); hard_itc_* / hard_itm_* (H,) ITC cosine / ITM
+    logit of each hard pair's true caption and of its attribute-swapped twin against the pair's image
+    (None when the set has no hard negatives; the ITM ones also when k_rerank = 0).
+    itm_forwards: number of (image, text) pairs run through the fusion encoder.
+    """
+
+    sim_itc: Tensor
+    score_i2t: Optional[Tensor] = None
+    score_t2i: Optional[Tensor] = None
+    hard_itc_pos: Optional[Tensor] = None
+    hard_itc_neg: Optional[Tensor] = None
+    hard_itm_pos: Optional[Tensor] = None
+    hard_itm_neg: Optional[Tensor] = None
+    itm_forwards: int = 0
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def _encode_images(
+    model: RetrievalModel, images: Tensor, batch_size: int, device: torch.device, amp_dtype: Optional[torch.dtype]
+) -> tuple[Tensor, Tensor]:
+    """Image tokens (I, 1+P, Dv) and ITC embeddings (I, E), on `device`, float32."""
+    tokens, embeds = [], []
+    for start in range(0, images.shape[0], batch_size):
+        chunk = images[start : start + batch_size].to(device, non_blocking=True)
+        with _autocast(device, amp_dtype):
+            tok = model.encode_image(chunk).tokens
+            emb = model.image_embed(tok)
+        tokens.append(tok.float())
+        embeds.append(emb.float())
+    return torch.cat(tokens), torch.cat(embeds)
+
+
+def _real_length(attention_mask: Tensor) -> int:
+    """Columns up to the last one holding a real token in any row (trailing all-padding columns can be
+    dropped: with masked attention they change no real token's state, and positions are unchanged)."""
+    used = attention_mask.bool().any(dim=0).nonzero()
+    return int(used.max()) + 1 if used.numel() else 1
+
+
+def _encode_texts(
+    model: RetrievalModel,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor]:
+    """Unimodal text states (Tn, T', D) (autocast dtype, kept for ITM) and ITC embeddings (Tn, E) float32.
+
+    T' = `_real_length(attention_mask)`: trailing all-padding columns are not encoded.
+    """
+    length = _real_length(attention_mask)
+    input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
+    hidden, embeds = [], []
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[start : start + batch_size].to(device)
+        mask = attention_mask[start : start + batch_size].to(device)
+        with _autocast(device, amp_dtype):
+            h = model.encode_text(ids, mask)
+            emb = model.text_embed(h)
+        hidden.append(h)
+        embeds.append(emb.float())
+    return torch.cat(hidden), torch.cat(embeds)
+
+
+def _itm_pairs(
+    model: RetrievalModel,
+    image_tokens: Tensor,
+    text_hidden: Tensor,
+    attention_mask: Tensor,
+    img_idx: Tensor,
+    txt_idx: Tensor,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype],
+) -> Tensor:
+    """ITM positive-class logits (P,) for the pairs (image_tokens[img_idx[p]], text txt_idx[p]).
+
+    image_tokens (I, 1+P, Dv), text_hidden (Tn, T, D) cached unimodal text states, attention_mask (Tn, T),
+    all on device. Equals `model.itm_score(image_tokens[i], input_ids[t], attention_mask[t])` without
+    re-running the text encoder per pair (ALBEF's `evaluation` likewise reuses its `text_feats`): one
+    batched `fuse` + `itm_logits` call per chunk of `batch_size` pairs. Pairs are processed in order of
+    text length and each chunk is cut to its longest text (fusion cost grows with T); results are
+    returned in the input order.
+    """
+    n_pairs = img_idx.numel()
+    positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
+    text_len = (attention_mask.bool() * positions).amax(dim=1)  # (Tn,) last real column + 1
+    order = torch.argsort(text_len[txt_idx], stable=True)
+    img_sorted, txt_sorted = img_idx[order], txt_idx[order]
+    out = torch.empty(n_pairs, dtype=torch.float32, device=device)
+    for start in range(0, n_pairs, batch_size):
+        ii = img_sorted[start : start + batch_size]
+        tt = txt_sorted[start : start + batch_size]
+        length = max(int(text_len[tt].max()), 1)
+        with _autocast(device, amp_dtype):
+            fused = model.fuse(text_hidden[tt, :length], attention_mask[tt, :length], image_tokens[ii])
+            score = model.itm_logits(fused.cls)[:, 1]
+        out[order[start : start + ii.numel()]] = score.float()
+    return out
+
+
+def _rerank(
+    model: RetrievalModel,
+    sims: Tensor,
+    image_tokens: Tensor,
+    text_hidden: Tensor,
+    attention_mask: Tensor,
+    k_rerank: int,
+    rerank_score: RerankScore,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, int]:
+    """ALBEF re-ranking (anchors §2, step 2): (score_i2t (I, Tn), score_t2i (Tn, I), #ITM forwards).
+
+    The candidate pairs of both directions are de-duplicated before scoring (a pair found by both the
+    image's and the text's top-k is scored once: the model is in eval mode, so its score is the same).
+    """
+    n_images, n_texts = sims.shape
+    k_t, k_i = min(k_rerank, n_texts), min(k_rerank, n_images)
+    top_txt = sims.topk(k_t, dim=1).indices  # (I, k_t)
+    top_img = sims.T.topk(k_i, dim=1).indices  # (Tn, k_i)
+    i2t_img = torch.arange(n_images, device=device).repeat_interleave(k_t)
+    i2t_txt = top_txt.reshape(-1)
+    t2i_txt = torch.arange(n_texts, device=device).repeat_interleave(k_i)
+    t2i_img = top_img.reshape(-1)
+    pair_ids = torch.cat([i2t_img * n_texts + i2t_txt, t2i_img * n_texts + t2i_txt])
+    unique, inverse = torch.unique(pair_ids, return_inverse=True)
+    itm = _itm_pairs(
+        model, image_tokens, text_hidden, attention_mask,
+        unique // n_texts, unique % n_texts, batch_size, device, amp_dtype,
+    )
+    if rerank_score == "itm+itc":
+        itm = itm + sims.reshape(-1)[unique]
+    elif rerank_score != "itm":
+        raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {rerank_score!r}")
+    scored = itm[inverse]
+    n_i2t = i2t_img.numel()
+    score_i2t = torch.full((n_images, n_texts), float("-inf"), device=device)
+    score_i2t[i2t_img, i2t_txt] = scored[:n_i2t]
+    score_t2i = torch.full((n_texts, n_images), float("-inf"), device=device)
+    score_t2i[t2i_txt, t2i_img] = scored[n_i2t:]
+    return score_i2t, score_t2i, int(unique.numel())
+
+
+def _hard_fields(rset: Any) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+    names = ("hard_image", "hard_pos_ids", "hard_pos_mask", "hard_neg_ids", "hard_neg_mask")
+    values = [getattr(rset, n, None) for n in names]
+    if any(v is None for v in values) or values[0].numel() == 0:
+        return None
+    return tuple(values)  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def compute_retrieval_scores(
+    model: RetrievalModel,
+    rset: RetrievalData,
+    batch_size: int = 128,
+    k_rerank: int = 16,
+    device: Optional[torch.device | str] = None,
+    amp_dtype: Optional[torch.dtype] = None,
+    rerank_score: RerankScore = "itm",
+) -> RetrievalScores:
+    """Score a retrieval set with a model: ITC similarities, ITM re-ranked matrices, hard negatives.
+
+    See `evaluate_retrieval` for the arguments. Runs in eval mode (restored afterwards), single process.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if k_rerank < 0:
+        raise ValueError(f"k_rerank must be >= 0 (0 = ITC only), got {k_rerank}")
+    if rerank_score not in ("itm", "itm+itc"):
+        raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {rerank_score!r}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    was_training = bool(getattr(model, "training", False))
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        image_tokens, image_emb = _encode_images(model, rset.images, batch_size, device, amp_dtype)
+        input_ids = rset.input_ids.to(device)
+        attention_mask = rset.attention_mask.to(device)
+        text_hidden, text_emb = _encode_texts(model, input_ids, attention_mask, batch_size, device, amp_dtype)
+        sims = image_emb @ text_emb.T  # (I, Tn), anchors §2 step 1: cosine, no temperature
+        scores = RetrievalScores(sim_itc=sims.cpu())
+
+        if k_rerank > 0:
+            s_i2t, s_t2i, forwards = _rerank(
+                model, sims, image_tokens, text_hidden, attention_mask,
+                k_rerank, rerank_score, batch_size, device, amp_dtype,
+            )
+            scores.score_i2t, scores.score_t2i, scores.itm_forwards = s_i2t.cpu(), s_t2i.cpu(), forwards
+
+        hard = _hard_fields(rset)
+        if hard is not None:
+            h_img, pos_ids, pos_mask, neg_ids, neg_mask = (t.to(device) for t in hard)
+            h_img = h_img.long()
+            pos_hidden, pos_emb = _encode_texts(model, pos_ids, pos_mask, batch_size, device, amp_dtype)
+            neg_hidden, neg_emb = _encode_texts(model, neg_ids, neg_mask, batch_size, device, amp_dtype)
+            img_emb = image_emb[h_img]
+            scores.hard_itc_pos = (img_emb * pos_emb).sum(-1).cpu()
+            scores.hard_itc_neg = (img_emb * neg_emb).sum(-1).cpu()
+            if k_rerank > 0:
+                h = h_img.numel()
+                idx = torch.arange(h, device=device)  # pair p = (image h_img[p], hard text p)
+                scores.hard_itm_pos = _itm_pairs(
+                    model, image_tokens, pos_hidden, pos_mask, h_img, idx, batch_size, device, amp_dtype).cpu()
+                scores.hard_itm_neg = _itm_pairs(
+                    model, image_tokens, neg_hidden, neg_mask, h_img, idx, batch_size, device, amp_dtype).cpu()
+                scores.itm_forwards += 2 * h
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+    return scores
+
+
+def evaluate_retrieval(
+    model: RetrievalModel,
+    rset: RetrievalData,
+    batch_size: int = 128,
+    k_rerank: int = 16,
+    device: Optional[torch.device | str] = None,
+    amp_dtype: Optional[torch.dtype] = None,
+    rerank_score: RerankScore = "itm",
+) -> dict[str, float]:
+    """Image↔text retrieval metrics of `model` on `rset` (anchors §2, ALBEF `evaluation` + `itm_eval`).
+
+    Args:
+        model: a `VLModel` (or anything with its encode_image / encode_text / image_embed / text_embed /
+            fuse / itm_logits methods).
+        rset: a `RetrievalSet`: images (I, 3, H, W), input_ids / attention_mask (Tn, T), txt2img (Tn,),
+            img2txt, and optionally hard_image (H,) / hard_pos_* / hard_neg_* (H, T).
+        batch_size: images / texts / (image, text) pairs per forward.
+        k_rerank: ITC candidates re-ranked by ITM per query; 0 = ITC only (no ITM forwards at all).
+        device: default the model's device. amp_dtype: autocast dtype (None = fp32).
+        rerank_score: "itm" (ALBEF: ITM positive logit) or "itm+itc" (BLIP / LAVIS: logit + ITC cosine).
+
+    Cost: I image + Tn text unimodal encodes (+ 2H hard-negative texts); ITM fusion forwards at most
+    (I·min(k, Tn) + Tn·min(k, I)) ≈ (I + Tn)·k — pairs proposed by both directions are scored once —
+    plus 2H for hard negatives (reported as `itm_forwards`). Memory: image tokens (I, 1+P, Dv), text
+    states (Tn, T, D) and two (I, Tn) float32 score matrices.
+
+    Returns (all values float; recalls and accuracies in percent):
+        `itc/txt_r{1,5,10}`, `itc/img_r{1,5,10}`, `itc/txt_r_mean`, `itc/img_r_mean`, `itc/r_mean`;
+        the same under `itm/` when k_rerank > 0 (R@K with K > k_rerank is a lower bound: a ground truth
+        outside the ITC top-k counts as a miss); `itc/hard_neg_acc` (ITC cosine) and `itm/hard_neg_acc`
+        (ITM logit, whatever `rerank_score`) if the set has hard negatives, the ITM one only when
+        k_rerank > 0; `num_images`, `num_texts`, `chance_r1`
+        (text→image R@1 of a random ranking = 100 / I); `itm_forwards`.
+        Top-ranked images for plotting come from `retrieval_examples`.
+    """
+    scores = compute_retrieval_scores(model, rset, batch_size, k_rerank, device, amp_dtype, rerank_score)
+    return retrieval_metrics(scores, rset.txt2img, getattr(rset, "img2txt", None))
+
+
+def retrieval_metrics(
+    scores: RetrievalScores, txt2img: Tensor, img2txt: Optional[Sequence[Sequence[int]]] = None
+) -> dict[str, float]:
+    """The metrics dict of `evaluate_retrieval` from precomputed `RetrievalScores`."""
+    n_images, n_texts = scores.sim_itc.shape
+    metrics: dict[str, float] = {f"itc/{k}": v for k, v in recall_at_k(scores.sim_itc, txt2img, img2txt).items()}
+    if scores.score_i2t is not None and scores.score_t2i is not None:
+        itm = recall_at_k(scores.score_i2t, txt2img, img2txt, sim_t2i=scores.score_t2i)
+        metrics.update({f"itm/{k}": v for k, v in itm.items()})
+    if scores.hard_itc_pos is not None and scores.hard_itc_neg is not None:
+        metrics["itc/hard_neg_acc"] = hard_negative_accuracy(scores.hard_itc_pos, scores.hard_itc_neg)
+    if scores.hard_itm_pos is not None and scores.hard_itm_neg is not None:
+        metrics["itm/hard_neg_acc"] = hard_negative_accuracy(scores.hard_itm_pos, scores.hard_itm_neg)
+    metrics["num_images"] = float(n_images)
+    metrics["num_texts"] = float(n_texts)
+    metrics["chance_r1"] = chance_recall(1, n_images)
+    metrics["itm_forwards"] = float(scores.itm_forwards)
+    return metrics
+
+
+def default_example_queries(img2txt: Sequence[Sequence[int]], num_queries: int) -> list[int]:
+    """The first caption of `num_queries` images spread evenly over the set (not 5 captions of image 0)."""
+    n_images = len(img2txt)
+    num = min(num_queries, n_images)
+    if num <= 0:
+        return []
+    picks = torch.linspace(0, n_images - 1, num).round().long().tolist()
+    return [int(img2txt[i][0]) for i in picks]
+
+
+@torch.no_grad()
+def retrieval_examples(
+    model: RetrievalModel,
+    rset: RetrievalData,
+    num_queries: int = 6,
+    k: int = 5,
+    batch_size: int = 128,
+    device: Optional[torch.device | str] = None,
+    amp_dtype: Optional[torch.dtype] = None,
+    k_rerank: int = 16,
+    rerank_score: RerankScore = "itm",
+    queries: Optional[Sequence[int]] = None,
+) -> tuple[list[int], Tensor]:
+    """Top-k retrieved images for a few text queries, ranked like `evaluate_retrieval` (for plotting).
+
+    Queries default to `default_example_queries(rset.img2txt, num_queries)`. Only those Q texts are
+    ranked: ITC over all images, then the top-`max(k_rerank, k)` re-scored by ITM (Q·max(k_rerank, k)
+    forwards) when k_rerank > 0; the order is then the re-ranked one.
+
+    Returns:
+        (queries: list of Q text indices, topk: LongTensor (Q, min(k, I)) image indices, best first).
+    """
+    if rerank_score not in ("itm", "itm+itc"):
+        raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {rerank_score!r}")
+    if queries is None:
+        queries = default_example_queries(rset.img2txt, num_queries)
+    queries = [int(q) for q in queries]
+    n_images = rset.images.shape[0]
+    k_out = min(k, n_images)
+    if not queries:
+        return [], torch.empty(0, k_out, dtype=torch.long)
+    device = torch.device(device) if device is not None else _model_device(model)
+    was_training = bool(getattr(model, "training", False))
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        image_tokens, image_emb = _encode_images(model, rset.images, batch_size, device, amp_dtype)
+        q = torch.tensor(queries, dtype=torch.long)
+        ids = rset.input_ids[q].to(device)
+        mask = rset.attention_mask[q].to(device)
+        text_hidden, text_emb = _encode_texts(model, ids, mask, batch_size, device, amp_dtype)
+        sims = text_emb @ image_emb.T  # (Q, I)
+        if k_rerank <= 0:
+            return queries, sims.topk(k_out, dim=1).indices.cpu()
+        n_cand = min(max(k_rerank, k_out), n_images)
+        cand = sims.topk(n_cand, dim=1).indices  # (Q, n_cand)
+        txt_idx = torch.arange(len(queries), device=device).repeat_interleave(n_cand)
+        img_idx = cand.reshape(-1)
+        itm = _itm_pairs(model, image_tokens, text_hidden, mask, img_idx, txt_idx, batch_size, device, amp_dtype)
+        itm = itm.view(len(queries), n_cand)
+        if rerank_score == "itm+itc":
+            itm = itm + sims.gather(1, cand)
+        order = itm.topk(k_out, dim=1).indices
+        return queries, cand.gather(1, order).cpu()
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
