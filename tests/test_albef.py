@@ -168,6 +168,10 @@ def test_momentum_update_and_queue():
     method.on_step_end()
     assert int(method.queue_ptr) == 4
 
+    method.reset_momentum()
+    assert torch.equal(m_params[name], online) and int(method.queue_count) == 0
+    assert (method.queue_ids == -1).all()
+
 
 def test_queue_itc_matches_contrastive_loss_on_model_embeddings():
     method = make_method(momentum_distill=True, queue_size=16, distill_alpha=0.0)

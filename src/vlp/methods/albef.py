@@ -172,6 +172,8 @@ class Albef(nn.Module):
                     # ids made up for this batch only must not match later batches: store -1 (never positive)
                     queued_ids = ids_global if batch.image_ids is not None else torch.full_like(ids_global, -1)
                     self._pending.append((image_cols_m, text_cols_m, queued_ids))
+                    while sum(f[0].shape[0] for f in self._pending[1:]) >= self.cfg.queue_size:
+                        self._pending.pop(0)  # forwards without a step: only the newest K rows can survive
                 if self.has_queue:
                     filled = int(self.queue_count)
                     queue_i, queue_t = self.image_queue[:filled], self.text_queue[:filled]
@@ -306,6 +308,22 @@ class Albef(nn.Module):
             image, text, ids = (torch.cat(parts) for parts in zip(*self._pending))
             self._pending.clear()
             self._enqueue(image, text, ids)
+
+    @torch.no_grad()
+    def reset_momentum(self) -> None:
+        """Copy the online weights into the momentum model and empty the queue (call after loading new
+        weights into `.model` alone, e.g. fine-tuning from a checkpoint; a full method state_dict already
+        carries both)."""
+        if self.model_m is None:
+            return
+        self.model_m.load_state_dict(self.model.state_dict())
+        self._pending.clear()
+        if self.has_queue:
+            self.image_queue.zero_()
+            self.text_queue.zero_()
+            self.queue_ids.fill_(-1)
+            self.queue_ptr.zero_()
+            self.queue_count.zero_()
 
     @torch.no_grad()
     def _enqueue(self, image: Tensor, text: Tensor, ids: Tensor) -> None:
