@@ -125,8 +125,11 @@ def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None,
     return out_dir
 
 
-def load_checkpoint_model(checkpoint: str | Path) -> tuple[RunConfig, TextTokenizer, VLModel]:
-    """Rebuild config, tokenizer and model from a checkpoint directory (or a run directory)."""
+def load_checkpoint_model(
+    checkpoint: str | Path, overrides: list[str] | None = None
+) -> tuple[RunConfig, TextTokenizer, VLModel]:
+    """Rebuild config (+ `overrides`, e.g. eval settings), tokenizer and model from a checkpoint
+    directory or the run directory holding one."""
     path = Path(checkpoint)
     if (path / "checkpoint").is_dir():
         path = path / "checkpoint"
@@ -135,21 +138,18 @@ def load_checkpoint_model(checkpoint: str | Path) -> tuple[RunConfig, TextTokeni
     for name in ("config.yaml", "tokenizer.json", "model.safetensors"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} is missing: {path} is not a complete vlp checkpoint")
-    cfg = load_config(path / "config.yaml")
+    cfg = load_config(path / "config.yaml", overrides)
     tokenizer = TextTokenizer.load(path / "tokenizer.json")
     model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
-    load_model_weights(path, model)
+    load_model_weights(path, model, prefix="model.")
     return cfg, tokenizer, model
 
 
 def evaluate_checkpoint(
     checkpoint: str | Path, overrides: list[str] | None = None, out_dir: str | Path | None = None
 ) -> dict[str, Any]:
-    """Retrieval metrics (ITC and ITM re-ranked) of a pre-trained checkpoint on the world's test split."""
-    cfg, tokenizer, model = load_checkpoint_model(checkpoint)
-    if overrides:
-        cfg = load_config(Path(checkpoint) / "config.yaml" if (Path(checkpoint) / "config.yaml").is_file()
-                          else Path(checkpoint) / "checkpoint" / "config.yaml", overrides)
+    """Retrieval metrics (ITC and ITM re-ranked) of a pre-trained checkpoint on the world's eval split."""
+    cfg, tokenizer, model = load_checkpoint_model(checkpoint, overrides)
     device = resolve_device(cfg.train.device)
     model.to(device).eval()
     world = build_world(cfg)

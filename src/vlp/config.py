@@ -67,6 +67,7 @@ class ModelConfig(_Strict):
     name: str = "custom"
     embed_dim: int = 64  # ITC projection dimension
     temperature: float = 0.07  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
+    init_std: float = 0.02  # truncated-normal std of Linear/Conv/Embedding weights (BERT/ViT: 0.02)
     vision: VisionConfig = Field(default_factory=VisionConfig)
     text: TextConfig = Field(default_factory=TextConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import partial
 from typing import Any, Mapping, Optional
 
 import torch
@@ -50,9 +51,9 @@ class VLModel(nn.Module):
         self.itm_head = ITMHead(cfg.text.width)
         self.mlm_head = MLMHead(cfg.text.width, self.text.word_embeddings)
         self.temp = nn.Parameter(torch.tensor(float(cfg.temperature)))
-        self.apply(_init_weights)
-        _trunc_normal_(self.vision.cls_token)
-        _trunc_normal_(self.vision.pos_embed)
+        self.apply(partial(_init_weights, std=cfg.init_std))
+        _trunc_normal_(self.vision.cls_token, cfg.init_std)
+        _trunc_normal_(self.vision.pos_embed, cfg.init_std)
         if cfg.text.init == "minilm":
             load_minilm_into(self.text)
 
@@ -185,11 +186,11 @@ def _trunc_normal_(weight: Tensor, std: float = INIT_STD) -> None:
         idx = idx[redraw.abs() > 2 * std]
 
 
-def _init_weights(module: nn.Module) -> None:
-    """BERT / ViT init: truncated normal (std 0.02, cut at 2 std) for Linear, Conv and Embedding
-    weights, zero biases (and the padding row), LayerNorm weight 1 and bias 0."""
+def _init_weights(module: nn.Module, std: float = INIT_STD) -> None:
+    """BERT / ViT init: truncated normal (std 0.02 by default, cut at 2 std) for Linear, Conv and
+    Embedding weights, zero biases (and the padding row), LayerNorm weight 1 and bias 0."""
     if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
-        _trunc_normal_(module.weight)
+        _trunc_normal_(module.weight, std)
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()

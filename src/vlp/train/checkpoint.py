@@ -331,10 +331,14 @@ def _check_compatible(module: nn.Module, saved: dict[str, torch.Tensor], source:
             )
 
 
-def _load_weights_file(file: Path, module: nn.Module, strict: bool) -> tuple[list[str], list[str]]:
+def _load_weights_file(file: Path, module: nn.Module, strict: bool, prefix: str = "") -> tuple[list[str], list[str]]:
     if not file.is_file():
         raise CheckpointError(f"model weights not found: {file}")
     saved = load_file(str(file), device="cpu")
+    if prefix:
+        saved = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
+        if not saved:
+            raise CheckpointError(f"{file} has no entries under '{prefix}': it does not hold a method's model")
     _check_compatible(module, saved, file)
     missing, unexpected = module.load_state_dict(saved, strict=False)
     # An entry the file stored once under another name (tied weights) was loaded through that name.
@@ -354,15 +358,19 @@ def _load_weights_file(file: Path, module: nn.Module, strict: bool) -> tuple[lis
     return list(missing), list(unexpected)
 
 
-def load_model_weights(path: str | Path, module: nn.Module, strict: bool = True) -> tuple[list[str], list[str]]:
+def load_model_weights(
+    path: str | Path, module: nn.Module, strict: bool = True, prefix: str = ""
+) -> tuple[list[str], list[str]]:
     """Load weights into `module` from a checkpoint directory, a run directory or a `.safetensors` file.
 
-    Shapes must match (error names the first differing tensor); with `strict`, every model entry must be
+    `prefix` selects a submodule of the saved state: a checkpoint holds the whole method
+    (`model.*`, momentum copies, queues), so `prefix="model."` loads just the `VLModel` for eval or
+    fine-tuning. Shapes must match (error names the first differing tensor); with `strict`, every model entry must be
     in the file and vice versa. Returns `(missing, unexpected)` key lists (empty when strict).
     """
     p = Path(path).expanduser()
     file = p if p.suffix == ".safetensors" else resolve_checkpoint(p) / MODEL_FILE
-    return _load_weights_file(file, module, strict)
+    return _load_weights_file(file, module, strict, prefix)
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
