@@ -2,8 +2,9 @@
 
 MFU = achieved model FLOP/s divided by the matmul peak *measured in the same run* on the same
 device and dtype (a large square matmul), not a datasheet number, so CPU and GPU readings compare
-honestly. Model FLOPs per pair come from `VLModel.flops_per_pair` (forward matmuls); a training
-step counts 3x forward (forward + backward), times the forwards a method runs per pair.
+honestly. Model FLOPs of a step are counted by `torch.utils.flop_counter.FlopCounterMode` over one
+whole training step (forward and backward of every pass the method makes: for ALBEF the ITC
+encoders, three ITM fusion passes and the MLM pass), so no per-method formula can drift.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from vlp.config import RunConfig, load_config
 from vlp.data.world import World
@@ -96,8 +98,11 @@ def bench_train_step(
         optimizer.zero_grad(set_to_none=True)
         if hasattr(method, "on_step_end"):
             method.on_step_end()
-        return float(out["loss"])
+        return float(out["loss"].detach())
 
+    with FlopCounterMode(display=False) as counter:
+        one_step()
+    step_flops = counter.get_total_flops()
     for _ in range(warmup):
         one_step()
     _sync(device)
@@ -116,10 +121,9 @@ def bench_train_step(
         "samples_per_s": batch_size / step_s,
         "peak_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
-    forwards = getattr(method, "forwards_per_pair", 1.0)
-    model_flops = 3 * forwards * model.flops_per_pair(text_len) * batch_size / step_s
+    model_flops = step_flops / step_s
     peak = matmul_peak_flops(device, dtype or torch.float32)
-    result.update({"model_TFLOPs": model_flops / 1e12, "matmul_peak_TFLOPs": peak / 1e12, "mfu": model_flops / peak})
+    result.update({"GFLOP_per_step": step_flops / 1e9, "model_TFLOPs": model_flops / 1e12, "matmul_peak_TFLOPs": peak / 1e12, "mfu": model_flops / peak})
     if device.type == "cuda":
         result["peak_gpu_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result

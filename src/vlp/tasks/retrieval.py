@@ -25,9 +25,10 @@ NaN scores are treated as −inf (a NaN ground truth is a miss).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Literal, Optional, Protocol, Sequence
+from typing import Any, Iterator, Literal, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -397,6 +398,19 @@ def _hard_fields(rset: Any) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor, Te
     return tuple(values)  # type: ignore[return-value]
 
 
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """Run the body with `model` in eval mode, restoring training mode afterwards."""
+    was_training = bool(getattr(model, "training", False))
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+
+
 @torch.no_grad()
 def compute_retrieval_scores(
     model: RetrievalModel,
@@ -418,10 +432,7 @@ def compute_retrieval_scores(
     if rerank_score not in ("itm", "itm+itc"):
         raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {rerank_score!r}")
     device = torch.device(device) if device is not None else _model_device(model)
-    was_training = bool(getattr(model, "training", False))
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
+    with _eval_mode(model):
         image_tokens, image_emb = _encode_images(model, rset.images, batch_size, device, amp_dtype)
         input_ids = rset.input_ids.to(device)
         attention_mask = rset.attention_mask.to(device)
@@ -453,9 +464,6 @@ def compute_retrieval_scores(
                 scores.hard_itm_neg = _itm_pairs(
                     model, image_tokens, neg_hidden, neg_mask, h_img, idx, batch_size, device, amp_dtype).cpu()
                 scores.itm_forwards += 2 * h
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
     return scores
 
 
@@ -560,10 +568,7 @@ def retrieval_examples(
     if not queries:
         return [], torch.empty(0, k_out, dtype=torch.long)
     device = torch.device(device) if device is not None else _model_device(model)
-    was_training = bool(getattr(model, "training", False))
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
+    with _eval_mode(model):
         image_tokens, image_emb = _encode_images(model, rset.images, batch_size, device, amp_dtype)
         q = torch.tensor(queries, dtype=torch.long)
         ids = rset.input_ids[q].to(device)
@@ -582,6 +587,3 @@ def retrieval_examples(
             itm = itm + sims.gather(1, cand)
         order = itm.topk(k_out, dim=1).indices
         return queries, cand.gather(1, order).cpu()
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()

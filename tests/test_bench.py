@@ -1,0 +1,27 @@
+"""`vlp bench`: the measurements it reports are computed, positive and consistent."""
+
+import pytest
+
+from vlp.bench import bench_train_step, bench_world, matmul_peak_flops
+
+SMALL = ["model.vision.depth=1", "model.text.depth=1", "model.fusion.depth=1", "train.device=cpu"]
+
+
+def test_bench_train_step_reports_throughput_and_mfu():
+    result = bench_train_step("albef_tiny", SMALL, batch_size=4, steps=1, warmup=0, text_len=8)
+    assert result["samples_per_s"] == pytest.approx(4 / result["step_s"])
+    # a training step does at least forward + backward of the encoders: > 2x forward flops per pair
+    assert result["GFLOP_per_step"] > 0
+    assert 0 < result["mfu"] < 1.5 and result["matmul_peak_TFLOPs"] > 0
+    assert result["peak_rss_GiB"] > 0.05
+
+
+def test_matmul_peak_is_positive():
+    import torch
+
+    assert matmul_peak_flops(torch.device("cpu"), torch.float32, n=128, repeats=2) > 1e6
+
+
+def test_bench_world():
+    result = bench_world(image_size=32, count=5)
+    assert result["samples_per_s_per_core"] > 1
