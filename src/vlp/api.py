@@ -20,6 +20,7 @@ import torch
 from vlp.config import RunConfig, dump_config, load_config
 from vlp.data.datasets import PairDataset, RetrievalSet, collate
 from vlp.data.tokenizer import TextTokenizer
+from vlp.data import lexicon
 from vlp.data.render import render_grid
 from vlp.data.world import World
 from vlp.methods import build_method
@@ -31,6 +32,10 @@ from vlp.train.loop import Trainer
 from vlp.viz import plot_loss_curve, plot_retrieval_examples
 
 EVAL_SPLIT_SIZE = 1000  # images in each of val / test / compositional
+# Methods whose model the retrieval eval can score (ITC + ITM over ViT tokens). CMAL trains no ITC and
+# feeds region embeddings to a single-stream encoder: its retrieval (ITM ranking over all pairs with
+# region inputs, UNITER convention) is a separate evaluation path, not yet built.
+RETRIEVAL_EVAL_METHODS = {"albef"}
 
 
 def build_world(cfg: RunConfig) -> World:
@@ -45,6 +50,11 @@ def build_world(cfg: RunConfig) -> World:
             "compositional": EVAL_SPLIT_SIZE,
         },
     )
+
+
+def world_class_words() -> list[set[str]]:
+    """Words naming each object class of the world (index = class id): CMAL's anchor lexicon."""
+    return [lexicon.class_words(k) for k in range(len(lexicon.CLASSES))]
 
 
 def build_tokenizer(cfg: RunConfig, world: World) -> TextTokenizer:
@@ -103,17 +113,22 @@ def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None,
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(dump_config(cfg))
             tokenizer.save(out_dir / "tokenizer.json")
+        launch.barrier()  # the other ranks' Trainer checks that tokenizer.json exists
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
-        method = build_method(cfg, model, tokenizer)
-        dataset = PairDataset(world.split("train"), tokenizer, cfg.data.max_text_len, cfg.data.budget, max_words=cfg.data.max_text_len)
-        rset = retrieval_set(cfg, world, tokenizer) if rank == 0 else None
+        method = build_method(cfg, model, tokenizer, class_words=world_class_words())
+        dataset = PairDataset(
+            world.split("train"), tokenizer, cfg.data.max_text_len, cfg.data.budget, max_words=cfg.data.max_text_len
+        )
+        evaluate = rank == 0 and cfg.method.name in RETRIEVAL_EVAL_METHODS
+        rset = retrieval_set(cfg, world, tokenizer) if evaluate else None
+
         def eval_fn(trained: torch.nn.Module, step: int) -> dict[str, float]:
             return run_retrieval_eval(trained.model, rset, cfg, trainer.device)
 
         trainer = Trainer(
             cfg, method, dataset, collate, out_dir,
-            eval_fn=eval_fn, tokenizer_json=str(out_dir / "tokenizer.json"),
+            eval_fn=eval_fn if evaluate else None, tokenizer_json=str(out_dir / "tokenizer.json"),
         )
         records = trainer.fit(resume=resume)
         if rank == 0:
@@ -121,6 +136,7 @@ def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None,
             if final:
                 (out_dir / "eval.json").write_text(json.dumps(final[-1], indent=2))
             plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
+        if evaluate:
             write_retrieval_figure(method.model, rset, cfg, trainer.device, out_dir / "retrieval_examples.png")
     return out_dir
 

@@ -83,7 +83,7 @@ def bench_train_step(
     tokenizer = _SyntheticTokenizer(vocab_size=vocab)
     torch.manual_seed(0)
     model = VLModel(cfg.model, vocab_size=vocab, pad_id=0)
-    method = build_method(cfg, model, tokenizer).to(device)
+    method = build_method(cfg, model, tokenizer).to(device)  # synthetic text: no lexicon (ALBEF-family)
     optimizer = torch.optim.AdamW(method.parameters(), lr=1e-4)
     batch = synthetic_batch(cfg, batch_size, text_len, vocab, device)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]

@@ -80,8 +80,16 @@ class LossWeights(_Strict):
     mlm: float = 1.0
 
 
+class TaskMix(_Strict):
+    """Per-task numbers for CMAL (cmal.md §8.3): sampling ratios or loss weights of ITM, AMC, WRC."""
+
+    itm: float = 1.0
+    amc: float = 3.0
+    wrc: float = 2.0
+
+
 class MethodConfig(_Strict):
-    name: Literal["albef"] = "albef"
+    name: Literal["albef", "cmal"] = "albef"
     mlm_prob: float = 0.15
     itm_hard_negatives: bool = True
     momentum_distill: bool = False
@@ -89,6 +97,18 @@ class MethodConfig(_Strict):
     queue_size: int = 0  # 0 = no queue; ALBEF uses 65536
     distill_alpha: float = 0.4
     loss_weights: LossWeights = Field(default_factory=LossWeights)
+    # CMAL (cmal.md §5, §8, §11; see vlp.methods.cmal) -- ignored by other methods
+    region_mask_prob: float = 0.25  # non-anchor regions masked in AMC (hard-coded 0.25 in the code)
+    unimodal_layers: int = 0  # UMSE Transformer layers per modality before the swap; 0 = code-faithful
+    umse_norm: Literal["none", "sphere"] = "sphere"  # none = code-faithful (quirk 4); sphere = both on radius sqrt(d)
+    task_mixing: Literal["ratio", "sum"] = "ratio"  # ratio: one task per step (UNITER); sum: weighted sum
+    task_ratio: TaskMix = Field(default_factory=TaskMix)  # ITM:AMC:WRC = 1:3:2 [CODE]
+    task_weights: TaskMix = Field(default_factory=TaskMix)  # 'sum' mode, normalised by their sum
+    itm_neg_prob: float = 0.5  # UNITER ITM: share of rows whose image is replaced
+    wrc_temperature: float = 0.07  # initial WRC tau (learnable, clamped to [0.001, 0.5])
+    wrc_faithful: bool = False  # true = code's WRC normalisation (padding in softmax, / L_t*N; quirk 2)
+    max_regions: int = 100  # BUTD max_bb
+    whole_image_region: bool = False  # prepend a [0,0,1,1] region with label 0 (our addition)
 
 
 # ------------------------------------------------------------------------------------------ data

@@ -55,7 +55,7 @@ from vlp.models.losses import (
     world_size,
 )
 from vlp.models.model import VLModel
-from vlp.models.rng import keyed_uniform
+from vlp.models.rng import sample_uniforms
 from vlp.types import Batch
 
 SALT_MLM = 0x4D4C4D  # "MLM": token masking draws
@@ -121,8 +121,9 @@ class Albef(nn.Module):
                 self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, model: VLModel, tokenizer: Any) -> "Albef":
-        """Build from a run config and a tokenizer exposing `mask_id`, `special_ids`, `vocab_size`."""
+    def from_config(cls, cfg: RunConfig, model: VLModel, tokenizer: Any, class_words: Any = None) -> "Albef":
+        """Build from a run config and a tokenizer exposing `mask_id`, `special_ids`, `vocab_size`.
+        `class_words` (the object lexicon) is accepted for a uniform builder signature; ALBEF has no use for it."""
         return cls(model, cfg.method, mask_id=tokenizer.mask_id, special_ids=tokenizer.special_ids,
                    vocab_size=tokenizer.vocab_size)
 
@@ -212,10 +213,7 @@ class Albef(nn.Module):
         return out
 
     def _uniforms(self, batch: Batch, shape: tuple[int, ...], salt: int) -> Tensor:
-        """(B, *shape) uniforms: keyed by `batch.sample_keys` when set, else from torch's global RNG."""
-        if batch.sample_keys is not None:
-            return keyed_uniform(batch.sample_keys.to(batch.input_ids.device), shape, salt)
-        return torch.rand((len(batch), *shape), device=batch.input_ids.device)
+        return sample_uniforms(batch.sample_keys, len(batch), shape, salt, batch.input_ids.device)
 
     def _itm(
         self,

@@ -80,3 +80,12 @@ def keyed_uniform(keys: Tensor, shape: tuple[int, ...], salt: int) -> Tensor:
     bits = _mix64(seed[:, None] + counter[None, :])  # (B, count)
     top24 = _srl(bits, 40).to(torch.float32)
     return (top24 * (1.0 / (1 << 24))).reshape(keys.shape[0], *shape)
+
+
+def sample_uniforms(keys: Tensor | None, batch_size: int, shape: tuple[int, ...], salt: int,
+                    device: torch.device) -> Tensor:
+    """(B, *shape) uniforms for a batch: keyed by the batch's `sample_keys` when the trainer set them
+    (rank- and split-independent, exact on resume), else drawn from torch's global RNG."""
+    if keys is not None:
+        return keyed_uniform(keys.to(device), shape, salt)
+    return torch.rand((batch_size, *shape), device=device)
