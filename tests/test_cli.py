@@ -94,3 +94,15 @@ def test_checkpoint_of_other_size_is_refused(run_dir, tmp_path, capsys):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "vlp.cli.main", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "pretrain" in out.stdout and "demo" in out.stdout
+
+
+def test_demo_prints_table(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), *TINY]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "t2i_R@1" in line)
+    assert "chance_R@1" in header and "hardneg_itm" in header
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")],
+                     [c.strip() for c in next(line for line in out.splitlines() if line.startswith("| albef")).strip("|").split("|")]))
+    assert cells["steps"] == "4" and cells["pairs"] == "200"
+    assert float(cells["chance_R@1"]) == pytest.approx(100 / 12, abs=0.01)
+    assert (tmp_path / "results.md").read_text().strip().splitlines()[0] == header
