@@ -12,10 +12,10 @@ Two pairs of runs (1 process, then torchrun with 2), 3 steps each:
     agree to float tolerance (rel 1e-5) at every step: the forward losses, the gradients through the
     gathers and DDP's all-reduce all reproduce the 1-process run.
   * the shipped weights (MLM on): step 1 starts from identical weights, so `itc` / `itm` agree to rel
-    1e-5 there. `mlm` and `loss` agree to rel 1e-2 at every step (measured: <= 1.1e-3; at step 1 the
+    1e-5 there. `mlm` and `loss` agree to rel 1e-2 at every step (measured: <= 1.3e-3; at step 1 the
     ranks happen to mask 6 + 6 tokens and it is exact, at steps 2 / 3 they mask 6 + 5 and 7 + 8). After
     step 1 the MLM-gradient difference moves the weights, so `itc` / `itm` only agree to rel 1e-3 there
-    (measured: <= 6e-5).
+    (measured: <= 2e-4).
 """
 
 from __future__ import annotations
@@ -39,9 +39,12 @@ TINY = [
     "--set", "model.vision.depth=1", "--set", "model.text.depth=1", "--set", "model.fusion.depth=1",
 ]
 SRC = Path(__file__).resolve().parents[1] / "src"
-# torch 2.13 + gloo now and then (~1 launch in 25 here) aborts a worker during interpreter teardown,
-# after `vlp pretrain` has returned and the process group is destroyed (tests/test_losses.py sidesteps it
-# with os._exit); torchrun then fails the launch (SIGABRT, or SIGSEGV with PYTHONFAULTHANDLER set).
+# torch 2.13 + gloo now and then (~1 launch in 25-50 here) aborts a worker during interpreter teardown,
+# after `vlp pretrain` has returned: once DDP has been built, destroy_process_group() no longer frees the
+# gloo process group, its worker threads outlive Python, and one that still has to drop a finished work
+# (which needs the GIL) during finalisation hits std::terminate ("terminate called without an active
+# exception"). tests/test_losses.py sidesteps it with os._exit; torchrun reports the launch as failed
+# (SIGABRT, or SIGSEGV with PYTHONFAULTHANDLER set).
 EXIT_ABORT = "terminate called without an active exception"
 
 
@@ -60,7 +63,7 @@ def _records(out: Path) -> list[dict]:
 
 
 def _complete(records: list[dict]) -> bool:
-    """Every step logged, then the final eval record (emitted before the ranks' last barrier)."""
+    """Every step logged, then the final eval record (emitted before the ranks' last barrier in fit)."""
     steps = [r["step"] for r in records if "loss" in r]
     return steps == list(range(1, STEPS + 1)) and any("eval/itc/r_mean" in r for r in records)
 
@@ -75,10 +78,14 @@ def _pretrain(tmp_path: Path, name: str, nproc: int, *extra: str) -> list[dict]:
     records = _records(out)
     if proc.returncode != 0:
         # Tolerate only the known gloo teardown abort (no Python traceback through vlp), and only once
-        # training and the final eval had finished on every rank.
+        # training and the final eval had finished on every rank. (torchrun then SIGTERMs rank 0, which may
+        # still be writing its plots, so those are not required here.)
         known = nproc > 1 and EXIT_ABORT in proc.stderr and f'File "{SRC / "vlp"}' not in proc.stderr
         assert known and _complete(records), f"exit status {proc.returncode}:\n{log}"
         warnings.warn(f"{name}: a rank aborted in gloo teardown after the run had finished", stacklevel=2)
+    else:
+        for file in ("eval.json", "loss_curve.png", "retrieval_examples.png"):
+            assert (out / file).is_file(), file
     assert _complete(records), log
     return [r for r in records if "loss" in r]
 

@@ -120,8 +120,10 @@ def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None,
         dataset = PairDataset(
             world.split("train"), tokenizer, cfg.data.max_text_len, cfg.data.budget, max_words=cfg.data.max_text_len
         )
-        evaluate = rank == 0 and cfg.method.name in RETRIEVAL_EVAL_METHODS
-        rset = retrieval_set(cfg, world, tokenizer) if evaluate else None
+        # Same on every rank: the Trainer calls eval_fn on rank 0 only, but every rank must take part in
+        # the barrier that follows an eval (with eval_fn=None a rank skips it and rank 0 is left waiting).
+        evaluate = cfg.method.name in RETRIEVAL_EVAL_METHODS
+        rset = retrieval_set(cfg, world, tokenizer) if evaluate and rank == 0 else None
 
         def eval_fn(trained: torch.nn.Module, step: int) -> dict[str, float]:
             return run_retrieval_eval(trained.model, rset, cfg, trainer.device)
@@ -136,7 +138,7 @@ def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None,
             if final:
                 (out_dir / "eval.json").write_text(json.dumps(final[-1], indent=2))
             plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
-        if evaluate:
+        if evaluate and rank == 0:
             write_retrieval_figure(method.model, rset, cfg, trainer.device, out_dir / "retrieval_examples.png")
     return out_dir
 
