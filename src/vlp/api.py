@@ -25,17 +25,20 @@ from vlp.data.render import render_grid
 from vlp.data.world import World
 from vlp.methods import build_method
 from vlp.models.model import VLModel
-from vlp.tasks.retrieval import evaluate_retrieval, retrieval_examples
+from vlp.tasks.retrieval import evaluate_retrieval, evaluate_retrieval_itm_all, retrieval_examples
 from vlp.train.checkpoint import load_model_weights
 from vlp.train import launch
 from vlp.train.loop import Trainer
 from vlp.viz import plot_loss_curve, plot_retrieval_examples
 
 EVAL_SPLIT_SIZE = 1000  # images in each of val / test / compositional
-# Methods whose model the retrieval eval can score (ITC + ITM over ViT tokens). CMAL trains no ITC and
-# feeds region embeddings to a single-stream encoder: its retrieval (ITM ranking over all pairs with
-# region inputs, UNITER convention) is a separate evaluation path, not yet built.
-RETRIEVAL_EVAL_METHODS = {"albef"}
+# Methods evaluated by retrieval at the end of pre-training. ALBEF: ITC ranking + ITM re-ranking over ViT
+# tokens (`evaluate_retrieval`). CMAL trains no ITC and feeds region embeddings to a single-stream
+# encoder: it is ranked by its ITM score over ALL (image, text) pairs (UNITER convention,
+# `evaluate_retrieval_itm_all`), I·Tn = 5·I² forwards, so CMAL configs keep eval.num_images small
+# (100 images -> 50k pairs on CPU).
+RETRIEVAL_EVAL_METHODS = {"albef", "cmal"}
+ITM_ALL_EVAL_METHODS = {"cmal"}
 
 
 def build_world(cfg: RunConfig) -> World:
@@ -92,6 +95,23 @@ def run_retrieval_eval(model: VLModel, rset: RetrievalSet, cfg: RunConfig, devic
     )
 
 
+def run_itm_all_eval(method: Any, rset: RetrievalSet, cfg: RunConfig, device: torch.device) -> dict[str, float]:
+    """CMAL retrieval: ITM score of every (image, text) pair of `rset` (cost I·Tn single-stream forwards;
+    see `evaluate_retrieval_itm_all`). Region features are computed once per image (`encode_regions`)."""
+    amp = _amp_dtype(cfg)
+    if amp is torch.float16 and device.type == "cpu":
+        amp = torch.bfloat16
+    was_training = method.training
+    method.eval()
+    try:
+        return evaluate_retrieval_itm_all(
+            method.itm_scores_from_regions, rset, batch_size=cfg.eval.batch_size,
+            device=device, encode=method.encode_regions, amp_dtype=amp,
+        )
+    finally:
+        method.train(was_training)
+
+
 def write_retrieval_figure(model: VLModel, rset: RetrievalSet, cfg: RunConfig, device: torch.device, png: Path) -> None:
     queries, topk = retrieval_examples(model, rset, num_queries=6, k=5, batch_size=cfg.eval.batch_size, device=device)
     plot_retrieval_examples(rset.captions, rset.images, queries, topk, rset.txt2img, png)
@@ -126,6 +146,8 @@ def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None,
         rset = retrieval_set(cfg, world, tokenizer) if evaluate and rank == 0 else None
 
         def eval_fn(trained: torch.nn.Module, step: int) -> dict[str, float]:
+            if cfg.method.name in ITM_ALL_EVAL_METHODS:
+                return run_itm_all_eval(trained, rset, cfg, trainer.device)
             return run_retrieval_eval(trained.model, rset, cfg, trainer.device)
 
         trainer = Trainer(
@@ -138,7 +160,7 @@ def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None,
             if final:
                 (out_dir / "eval.json").write_text(json.dumps(final[-1], indent=2))
             plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
-        if evaluate and rank == 0:
+        if evaluate and rank == 0 and cfg.method.name not in ITM_ALL_EVAL_METHODS:  # ITC-ranked figure: no ITC in CMAL
             write_retrieval_figure(method.model, rset, cfg, trainer.device, out_dir / "retrieval_examples.png")
     return out_dir
 

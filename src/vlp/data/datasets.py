@@ -203,6 +203,10 @@ class RetrievalSet:
     hard_pos_ids / hard_pos_mask  (Hn, Tp): the true caption of that image's hard pair
     hard_neg_ids / hard_neg_mask  (Hn, Tn): the same caption with two objects' colours swapped
     The hard_* fields are None for sets without hard pairs (e.g. Karpathy JSON files).
+    region_boxes    (I, N, 4) float32 normalised xyxy object boxes, padded to the most objects N
+    region_labels   (I, N) long, class_id + 1 (0 = padding);  region_mask (I, N) bool, True = real box
+    The region_* fields (for region-based methods, e.g. CMAL's ITM retrieval) are filled by `build` from
+    the world samples' objects (as `collate` pads them) and are None for sets without boxes.
     """
 
     images: Tensor
@@ -216,6 +220,9 @@ class RetrievalSet:
     hard_pos_mask: Optional[Tensor] = None
     hard_neg_ids: Optional[Tensor] = None
     hard_neg_mask: Optional[Tensor] = None
+    region_boxes: Optional[Tensor] = None
+    region_labels: Optional[Tensor] = None
+    region_mask: Optional[Tensor] = None
 
     @property
     def num_images(self) -> int:
@@ -253,8 +260,13 @@ class RetrievalSet:
         hard_image: list[int] = []
         hard_pos: list[str] = []
         hard_neg: list[str] = []
+        regions: Optional[list[tuple[Tensor, Tensor]]] = []
         for i in range(num_images):
             sample = split[i]
+            if regions is not None and hasattr(sample, "objects"):
+                regions.append(_regions(sample))
+            else:
+                regions = None  # a sample without objects: the set carries no boxes
             sample_captions = list(sample.captions)
             if len(sample_captions) < captions_per_image:
                 raise ValueError(
@@ -284,6 +296,15 @@ class RetrievalSet:
             result.hard_image = torch.tensor(hard_image, dtype=torch.long)
             result.hard_pos_ids, result.hard_pos_mask = tokenizer.encode(hard_pos, max_len, max_words=max_words)
             result.hard_neg_ids, result.hard_neg_mask = tokenizer.encode(hard_neg, max_len, max_words=max_words)
+        if regions is not None:
+            n = max((int(b.shape[0]) for b, _ in regions), default=0)
+            result.region_boxes = torch.zeros((num_images, n, 4), dtype=torch.float32)
+            result.region_labels = torch.zeros((num_images, n), dtype=torch.long)
+            result.region_mask = torch.zeros((num_images, n), dtype=torch.bool)
+            for i, (boxes, labels) in enumerate(regions):
+                k = int(boxes.shape[0])
+                result.region_boxes[i, :k], result.region_labels[i, :k] = boxes, labels
+                result.region_mask[i, :k] = True
         return result
 
     @classmethod

@@ -522,11 +522,18 @@ class Cmal(nn.Module):
             raise ValueError("CMAL needs images in the batch (region features are pooled from the ViT grid)")
         if batch.region_boxes is None or batch.region_labels is None:
             raise ValueError("CMAL needs batch.region_boxes and batch.region_labels (object boxes and class id + 1)")
+        return self.region_inputs(batch.images, batch.region_boxes, batch.region_labels, batch.region_mask)
+
+    def region_inputs(self, images: Tensor, region_boxes: Tensor, region_labels: Optional[Tensor] = None,
+                      region_mask: Optional[Tensor] = None) -> RegionInputs:
+        """`regions` from raw tensors: images (B,3,H,W), boxes (B,N,4) xyxy, labels (B,N) or None (all 0:
+        ITM does not use labels), mask (B,N) bool or None (all real)."""
         n = self.cfg.max_regions
-        boxes = batch.region_boxes[:, :n].float()
-        labels = batch.region_labels[:, :n].long()
-        mask = (torch.ones_like(labels, dtype=torch.bool) if batch.region_mask is None
-                else batch.region_mask[:, :n].bool())
+        boxes = region_boxes[:, :n].float()
+        labels = (torch.zeros(boxes.shape[:2], dtype=torch.long, device=boxes.device) if region_labels is None
+                  else region_labels[:, :n].long())
+        mask = (torch.ones_like(labels, dtype=torch.bool) if region_mask is None
+                else region_mask[:, :n].bool())
         if self.cfg.whole_image_region:
             B = boxes.shape[0]
             whole = boxes.new_tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0][: boxes.shape[-1]])  # xyxy (+ w, h, wh)
@@ -534,7 +541,7 @@ class Cmal(nn.Module):
             labels = torch.cat([labels.new_zeros(B, 1), labels], dim=1)
             mask = torch.cat([mask.new_ones(B, 1), mask], dim=1)
         labels = torch.where(mask, labels, torch.zeros_like(labels))
-        grid = self.model.encode_image(batch.images).grid
+        grid = self.model.encode_image(images).grid
         feats = region_features(grid, boxes[..., :4])
         return RegionInputs(feats, boxes_to_7d(boxes), labels, mask)
 
@@ -650,6 +657,30 @@ class Cmal(nn.Module):
         labels = (~negative).long()
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         return itm_loss(logits, labels), accuracy.detach()
+
+    # ------------------------------------------------------------------------------ retrieval
+    def encode_regions(self, images: Tensor, region_boxes: Tensor,
+                       region_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-image part of the ITM input, computed once per image for retrieval:
+        (region vectors e^v (B,N,d), 7-d boxes (B,N,7), region mask (B,N) bool), clean (no masking)."""
+        regions = self.region_inputs(images, region_boxes, None, region_mask)
+        return self._region_vectors(regions), regions.boxes, regions.mask
+
+    def itm_scores_from_regions(self, region_vecs: Tensor, boxes: Tensor, region_mask: Tensor,
+                                input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """ITM positive logit (P,) of P pairs from `encode_regions` rows (P,N,·) and texts (P,T): one
+        single-stream forward per pair over the clean [text ; regions] (no masking, no swap)."""
+        txt_h, _ = self._encode(self._word_vectors(input_ids, attention_mask), region_vecs, boxes,
+                                attention_mask, region_mask)
+        return self.model.itm_logits(txt_h[:, 0])[:, 1]
+
+    def itm_scores(self, images: Tensor, region_boxes: Tensor, region_mask: Optional[Tensor], input_ids: Tensor,
+                   attention_mask: Tensor) -> Tensor:
+        """ITM positive-class logit (P,) of P (image, text) pairs, as in the ITM task on a clean pair
+        (UNITER retrieval score): images (P,3,H,W), region_boxes (P,N,4) xyxy, region_mask (P,N) bool or
+        None, input_ids / attention_mask (P,T). Rows are independent (eval mode: no dropout)."""
+        return self.itm_scores_from_regions(*self.encode_regions(images, region_boxes, region_mask),
+                                            input_ids, attention_mask)
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, batch: Batch) -> dict[str, Tensor]:

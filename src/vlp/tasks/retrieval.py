@@ -20,6 +20,9 @@ Ties (ALBEF's `argsort` breaks them arbitrarily): vlp counts every tie against t
 ground truth is the number of *non*-ground-truth candidates whose score is >= the (best) ground-truth
 score. A constant score matrix therefore gives R@K = 0 for K below the number of negatives, never 100.
 NaN scores are treated as −inf (a NaN ground truth is a miss).
+
+Models without ITC (CMAL, UNITER-style single stream) use `evaluate_retrieval_itm_all` instead: the ITM
+score of every (image, text) pair ranks both directions (I·Tn forwards; small sets only).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Iterator, Literal, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Literal, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -43,6 +46,7 @@ __all__ = [
     "hard_negative_accuracy",
     "compute_retrieval_scores",
     "evaluate_retrieval",
+    "evaluate_retrieval_itm_all",
     "retrieval_metrics",
     "retrieval_examples",
     "default_example_queries",
@@ -587,3 +591,91 @@ def retrieval_examples(
             itm = itm + sims.gather(1, cand)
         order = itm.topk(k_out, dim=1).indices
         return queries, cand.gather(1, order).cpu()
+
+
+# ============================================================================== ITM over all pairs
+def evaluate_retrieval_itm_all(
+    scorer: Callable[..., Tensor],
+    rset: RetrievalData,
+    batch_size: int = 128,
+    device: Optional[torch.device | str] = None,
+    encode: Optional[Callable[..., Sequence[Tensor]]] = None,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> dict[str, float]:
+    """Retrieval for a model without ITC (UNITER convention): rank by the ITM score of EVERY (image, text) pair.
+
+    `scorer(*image_rows, input_ids (P,T), attention_mask (P,T)) -> (P,)` scores P pairs (higher = match),
+    where `image_rows` are the per-image inputs of the P pairs' images. Per-image inputs are computed once
+    per image: `encode(images (B,3,H,W), region_boxes (B,N,4), region_mask (B,N)) -> tuple of (B, ...)`
+    tensors (e.g. `Cmal.encode_regions`: ViT + RoIAlign + region projection), then gathered per chunk;
+    with `encode=None` they are the raw `(images, region_boxes, region_mask)` rows, so e.g.
+    `Cmal.itm_scores` can be passed directly (it then re-encodes the image of every pair). tasks/ does
+    not import methods/: the model enters only through these callables; they run under `no_grad`, and
+    the caller puts the model in eval mode.
+
+    Cost: I image encodes plus I·Tn single-stream ITM forwards (+ 2H for hard negatives), in chunks of
+    `batch_size` pairs (texts cut to the chunk's longest); with COCO's 5 captions per image that is
+    5·I² forwards, quadratic in the set size, so keep the set small on CPU: 100 images → 50k pairs,
+    1000 images → 5M pairs (UNITER's 1k-image COCO test needs a GPU cluster for this). Memory: the
+    per-image cache and one (I, Tn) float32 score matrix.
+
+    Args:
+        rset: images, input_ids / attention_mask, txt2img / img2txt, optionally region_boxes (I,N,4) /
+            region_mask (I,N) (required by region-based scorers) and hard_image / hard_pos_* / hard_neg_*.
+        batch_size: images per `encode` call and pairs per `scorer` call.
+        device: where the inputs are moved (default cpu). amp_dtype: autocast dtype (None = fp32).
+
+    Returns:
+        `itm_all/txt_r{1,5,10}`, `itm_all/img_r{1,5,10}`, `itm_all/{txt,img}_r_mean`, `itm_all/r_mean`,
+        `itm_all/hard_neg_acc` (ITM score of the true caption vs its attribute-swapped twin, when the set
+        has hard pairs), `num_images`, `num_texts`, `chance_r1`, `itm_forwards` (= I·Tn + 2H).
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    n_images, n_texts = int(rset.images.shape[0]), int(rset.input_ids.shape[0])
+    boxes = getattr(rset, "region_boxes", None)
+    rmask = getattr(rset, "region_mask", None)
+    with torch.no_grad():
+        parts: list[list[Tensor | None]] = []
+        for start in range(0, n_images, batch_size):
+            sl = slice(start, start + batch_size)
+            rows = (rset.images[sl].to(device),
+                    None if boxes is None else boxes[sl].to(device),
+                    None if rmask is None else rmask[sl].to(device))
+            if encode is not None:
+                with _autocast(device, amp_dtype):
+                    rows = tuple(encode(*rows))
+            parts.append(list(rows))
+        cache = [None if parts[0][j] is None else torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+        def score_pairs(img_idx: Tensor, ids: Tensor, mask: Tensor, txt_idx: Tensor) -> Tensor:
+            out = torch.empty(img_idx.numel(), dtype=torch.float32)
+            for start in range(0, img_idx.numel(), batch_size):
+                i = img_idx[start : start + batch_size].to(device)
+                t = txt_idx[start : start + batch_size]
+                m = mask[t]
+                length = _real_length(m)
+                rows = [None if c is None else c[i] for c in cache]
+                with _autocast(device, amp_dtype):
+                    s = scorer(*rows, ids[t][:, :length].to(device), m[:, :length].to(device))
+                out[start : start + t.numel()] = s.detach().float().reshape(-1).cpu()
+            return out
+
+        # all pairs, image-major: pair p = (p // Tn, p % Tn)
+        img_idx = torch.arange(n_images).repeat_interleave(n_texts)
+        txt_idx = torch.arange(n_texts).repeat(n_images)
+        score = score_pairs(img_idx, rset.input_ids, rset.attention_mask, txt_idx).view(n_images, n_texts)
+        metrics = {f"itm_all/{k}": v for k, v in recall_at_k(score, rset.txt2img, getattr(rset, "img2txt", None)).items()}
+        forwards = n_images * n_texts
+        hard = _hard_fields(rset)
+        if hard is not None:
+            h_img, pos_ids, pos_mask, neg_ids, neg_mask = hard
+            idx = torch.arange(h_img.numel())
+            pos = score_pairs(h_img.long().cpu(), pos_ids.cpu(), pos_mask.cpu(), idx)
+            neg = score_pairs(h_img.long().cpu(), neg_ids.cpu(), neg_mask.cpu(), idx)
+            metrics["itm_all/hard_neg_acc"] = hard_negative_accuracy(pos, neg)
+            forwards += 2 * h_img.numel()
+    metrics["num_images"] = float(n_images)
+    metrics["num_texts"] = float(n_texts)
+    metrics["chance_r1"] = chance_recall(1, n_images)
+    metrics["itm_forwards"] = float(forwards)
+    return metrics
