@@ -17,7 +17,6 @@ from vlp.config import ConfigError, build_config, load_config
 from vlp.data.datasets import PairDataset, collate
 from vlp.data.lexicon import CLASSES, class_words
 from vlp.data.tokenizer import TextTokenizer
-from vlp.data.world import World
 from vlp.methods import build_method
 from vlp.methods.cmal import (
     Cmal,
@@ -52,16 +51,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def world() -> World:
-    return World(seed=1, image_size=32, sizes={"train": 40, "val": 8, "test": 8})
-
-
-@pytest.fixture(scope="module")
-def tok(world) -> TextTokenizer:
-    return TextTokenizer.train_on_world(world, vocab_size=500, num_scenes=30)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,6 @@ from vlp.cli.main import main
 from vlp.config import build_config
 from vlp.data.datasets import RetrievalSet
 from vlp.data.lexicon import CLASSES, class_words
-from vlp.data.tokenizer import TextTokenizer
-from vlp.data.world import World
 from vlp.methods.cmal import Cmal
 from vlp.models.model import VLModel
 from vlp.tasks.retrieval import evaluate_retrieval_itm_all
@@ -98,16 +96,6 @@ def test_itm_all_without_hard_pairs_and_encode_cache():
 
 
 # ------------------------------------------------------------------------------ real tiny CMAL
-@pytest.fixture(scope="module")
-def world() -> World:
-    return World(seed=1, image_size=32, sizes={"train": 40, "val": 8, "test": 8})
-
-
-@pytest.fixture(scope="module")
-def tok(world) -> TextTokenizer:
-    return TextTokenizer.train_on_world(world, vocab_size=500, num_scenes=30)
-
-
 @pytest.fixture(scope="module")
 def cmal(tok) -> Cmal:
     cfg = build_config({

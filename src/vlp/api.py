@@ -25,7 +25,7 @@ from vlp.data.render import render_grid
 from vlp.data.world import World
 from vlp.methods import build_method
 from vlp.models.model import VLModel
-from vlp.tasks.retrieval import evaluate_retrieval, evaluate_retrieval_itm_all, retrieval_examples
+from vlp.tasks.retrieval import eval_mode, evaluate_retrieval, evaluate_retrieval_itm_all, retrieval_examples
 from vlp.train.checkpoint import load_model_weights
 from vlp.train import launch
 from vlp.train.loop import Trainer
@@ -82,14 +82,14 @@ def retrieval_set(cfg: RunConfig, world: World, tokenizer: TextTokenizer) -> Ret
     )
 
 
-def _amp_dtype(cfg: RunConfig) -> torch.dtype | None:
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+def _amp_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for evaluation: the training precision, with fp16 falling back to bf16 on CPU."""
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+    return torch.bfloat16 if amp is torch.float16 and device.type == "cpu" else amp
 
 
 def run_retrieval_eval(model: VLModel, rset: RetrievalSet, cfg: RunConfig, device: torch.device) -> dict[str, float]:
-    amp = _amp_dtype(cfg)
-    if amp is torch.float16 and device.type == "cpu":
-        amp = torch.bfloat16
+    amp = _amp_dtype(cfg, device)
     return evaluate_retrieval(
         model, rset, batch_size=cfg.eval.batch_size, k_rerank=cfg.eval.k_rerank, device=device, amp_dtype=amp
     )
@@ -98,18 +98,11 @@ def run_retrieval_eval(model: VLModel, rset: RetrievalSet, cfg: RunConfig, devic
 def run_itm_all_eval(method: Any, rset: RetrievalSet, cfg: RunConfig, device: torch.device) -> dict[str, float]:
     """CMAL retrieval: ITM score of every (image, text) pair of `rset` (cost I·Tn single-stream forwards;
     see `evaluate_retrieval_itm_all`). Region features are computed once per image (`encode_regions`)."""
-    amp = _amp_dtype(cfg)
-    if amp is torch.float16 and device.type == "cpu":
-        amp = torch.bfloat16
-    was_training = method.training
-    method.eval()
-    try:
+    with eval_mode(method):
         return evaluate_retrieval_itm_all(
             method.itm_scores_from_regions, rset, batch_size=cfg.eval.batch_size,
-            device=device, encode=method.encode_regions, amp_dtype=amp,
+            device=device, encode=method.encode_regions, amp_dtype=_amp_dtype(cfg, device),
         )
-    finally:
-        method.train(was_training)
 
 
 def write_retrieval_figure(model: VLModel, rset: RetrievalSet, cfg: RunConfig, device: torch.device, png: Path) -> None:

@@ -403,7 +403,7 @@ def _hard_fields(rset: Any) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor, Te
 
 
 @contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
+def eval_mode(model: Any) -> Iterator[None]:
     """Run the body with `model` in eval mode, restoring training mode afterwards."""
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):
@@ -436,7 +436,7 @@ def compute_retrieval_scores(
     if rerank_score not in ("itm", "itm+itc"):
         raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {rerank_score!r}")
     device = torch.device(device) if device is not None else _model_device(model)
-    with _eval_mode(model):
+    with eval_mode(model):
         image_tokens, image_emb = _encode_images(model, rset.images, batch_size, device, amp_dtype)
         input_ids = rset.input_ids.to(device)
         attention_mask = rset.attention_mask.to(device)
@@ -572,7 +572,7 @@ def retrieval_examples(
     if not queries:
         return [], torch.empty(0, k_out, dtype=torch.long)
     device = torch.device(device) if device is not None else _model_device(model)
-    with _eval_mode(model):
+    with eval_mode(model):
         image_tokens, image_emb = _encode_images(model, rset.images, batch_size, device, amp_dtype)
         q = torch.tensor(queries, dtype=torch.long)
         ids = rset.input_ids[q].to(device)
