@@ -100,9 +100,14 @@ def test_demo_prints_table(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), *TINY]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if "t2i_R@1" in line)
-    assert "chance_R@1" in header and "hardneg_itm" in header
-    cells = dict(zip([c.strip() for c in header.strip("|").split("|")],
-                     [c.strip() for c in next(line for line in out.splitlines() if line.startswith("| albef")).strip("|").split("|")]))
-    assert cells["steps"] == "4" and cells["pairs"] == "200"
-    assert float(cells["chance_R@1"]) == pytest.approx(100 / 12, abs=0.01)
+    assert "chance_R@1" in header and "hardneg" in header
+    names = [c.strip() for c in header.strip("|").split("|")]
+    for method in ("albef", "cmal"):  # side by side, same budget, same test images
+        row = next(line for line in out.splitlines() if line.startswith(f"| {method}"))
+        cells = dict(zip(names, [c.strip() for c in row.strip("|").split("|")]))
+        assert cells["steps"] == "4" and cells["pairs"] == "200"
+        assert float(cells["chance_R@1"]) == pytest.approx(100 / 12, abs=0.01)
+        assert 0 <= float(cells["t2i_R@1"]) <= 100 and 0 <= float(cells["hardneg"]) <= 100
+        # CMAL has no ITC: its ITC cells print "-", the baseline's are numbers
+        assert (cells["itc_t2i_R@1"] == "-") == (method == "cmal")
     assert (tmp_path / "results.md").read_text().strip().splitlines()[0] == header

@@ -164,3 +164,34 @@ def test_pretrain_cmal_writes_itm_all_eval(tmp_path):
     assert 0.0 <= final["eval/itm_all/img_r1"] <= 100.0
     assert final["eval/num_images"] == 6 and final["eval/itm_forwards"] >= 6 * 30
     assert "eval/itc/img_r1" not in final
+    # `vlp eval retrieval` on the CMAL checkpoint loads the whole method (region embedding, region layers,
+    # heads), not just the VLModel: same weights, same test images -> the same numbers as at the end of training
+    assert main(["eval", "retrieval", "--checkpoint", str(out), "--out", str(tmp_path / "eval")]) == 0
+    again = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    for key in ("itm_all/img_r1", "itm_all/txt_r5", "itm_all/r_mean", "itm_all/hard_neg_acc"):
+        assert again[key] == pytest.approx(final[f"eval/{key}"]), key
+
+
+def test_albef_itm_all_matches_direct_all_pairs(world, tok):
+    """`eval.itm_all` ranks a fusion model by `itm_score` of every pair: equal to scoring the full I x Tn
+    matrix by hand and taking recalls of it."""
+    from vlp.api import run_retrieval_eval
+    from vlp.tasks.retrieval import recall_at_k
+
+    cfg = build_config({"model": "tiny", "method": {"name": "albef"}},
+                       ["model.vision.depth=1", "model.text.depth=1", "model.fusion.depth=1",
+                        f"model.vision.image_size={world.image_size}", "eval.itm_all=true", "eval.batch_size=7",
+                        "eval.k_rerank=2"])
+    torch.manual_seed(0)
+    model = VLModel(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id).eval()
+    rset = RetrievalSet.build(world.split("test"), tok, 40, 5, max_words=40)
+    metrics = run_retrieval_eval(model, rset, cfg, torch.device("cpu"))
+    with torch.no_grad():
+        tokens = model.encode_image(rset.images).tokens
+        n_i, n_t = tokens.shape[0], rset.input_ids.shape[0]
+        score = torch.stack([model.itm_score(tokens[i].expand(n_t, -1, -1), rset.input_ids, rset.attention_mask)
+                             for i in range(n_i)])
+    direct = recall_at_k(score, rset.txt2img, rset.img2txt)
+    for key in ("img_r1", "txt_r1", "img_r5", "r_mean"):
+        assert metrics[f"itm_all/{key}"] == pytest.approx(direct[key]), key
+    assert metrics["itm_forwards"] >= n_i * n_t and "itc/img_r1" in metrics

@@ -89,10 +89,21 @@ def _amp_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
 
 
 def run_retrieval_eval(model: VLModel, rset: RetrievalSet, cfg: RunConfig, device: torch.device) -> dict[str, float]:
+    """Fusion-model retrieval: ITC ranking + ITC top-k re-ranked by ITM (ALBEF protocol); with
+    `eval.itm_all` also the ITM score over all pairs (`itm_all/*`, the protocol CMAL is ranked by)."""
     amp = _amp_dtype(cfg, device)
-    return evaluate_retrieval(
+    metrics = evaluate_retrieval(
         model, rset, batch_size=cfg.eval.batch_size, k_rerank=cfg.eval.k_rerank, device=device, amp_dtype=amp
     )
+    if cfg.eval.itm_all:
+        with eval_mode(model):
+            itm_all = evaluate_retrieval_itm_all(
+                lambda image_tokens, ids, mask: model.itm_score(image_tokens, ids, mask), rset,
+                batch_size=cfg.eval.batch_size, device=device, amp_dtype=amp,
+                encode=lambda images, boxes, region_mask: (model.encode_image(images).tokens,),
+            )
+        metrics.update({k: v for k, v in itm_all.items() if k.startswith("itm_all/") or k == "itm_forwards"})
+    return metrics
 
 
 def run_itm_all_eval(method: Any, rset: RetrievalSet, cfg: RunConfig, device: torch.device) -> dict[str, float]:
@@ -139,9 +150,7 @@ def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None,
         rset = retrieval_set(cfg, world, tokenizer) if evaluate and rank == 0 else None
 
         def eval_fn(trained: torch.nn.Module, step: int) -> dict[str, float]:
-            if cfg.method.name in ITM_ALL_EVAL_METHODS:
-                return run_itm_all_eval(trained, rset, cfg, trainer.device)
-            return run_retrieval_eval(trained.model, rset, cfg, trainer.device)
+            return evaluate_method(trained, rset, cfg, trainer.device)
 
         trainer = Trainer(
             cfg, method, dataset, collate, out_dir,
@@ -158,11 +167,9 @@ def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None,
     return out_dir
 
 
-def load_checkpoint_model(
-    checkpoint: str | Path, overrides: list[str] | None = None
-) -> tuple[RunConfig, TextTokenizer, VLModel]:
-    """Rebuild config (+ `overrides`, e.g. eval settings), tokenizer and model from a checkpoint
-    directory or the run directory holding one."""
+def _checkpoint_files(checkpoint: str | Path) -> Path:
+    """The checkpoint directory of `checkpoint` (a checkpoint or the run directory holding one), checked
+    to hold config, tokenizer and weights."""
     path = Path(checkpoint)
     if (path / "checkpoint").is_dir():
         path = path / "checkpoint"
@@ -171,6 +178,16 @@ def load_checkpoint_model(
     for name in ("config.yaml", "tokenizer.json", "model.safetensors"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} is missing: {path} is not a complete vlp checkpoint")
+    return path
+
+
+def load_checkpoint_model(
+    checkpoint: str | Path, overrides: list[str] | None = None
+) -> tuple[RunConfig, TextTokenizer, VLModel]:
+    """Rebuild config (+ `overrides`, e.g. eval settings), tokenizer and the shared `VLModel` from a
+    checkpoint directory or the run directory holding one (method-owned modules are not loaded: use
+    `load_checkpoint_method` for those)."""
+    path = _checkpoint_files(checkpoint)
     cfg = load_config(path / "config.yaml", overrides)
     tokenizer = TextTokenizer.load(path / "tokenizer.json")
     model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
@@ -178,21 +195,46 @@ def load_checkpoint_model(
     return cfg, tokenizer, model
 
 
+def load_checkpoint_method(
+    checkpoint: str | Path, overrides: list[str] | None = None
+) -> tuple[RunConfig, TextTokenizer, torch.nn.Module]:
+    """Like `load_checkpoint_model` but the whole pre-training method (its `VLModel` as `.model` plus the
+    modules the method owns, e.g. CMAL's region embedding, region layers, region head and WRC τ),
+    strictly loaded: every saved tensor must fit the rebuilt method."""
+    path = _checkpoint_files(checkpoint)
+    cfg = load_config(path / "config.yaml", overrides)
+    tokenizer = TextTokenizer.load(path / "tokenizer.json")
+    model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+    method = build_method(cfg, model, tokenizer, class_words=world_class_words())
+    load_model_weights(path, method)
+    return cfg, tokenizer, method
+
+
+def evaluate_method(method: torch.nn.Module, rset: RetrievalSet, cfg: RunConfig, device: torch.device) -> dict[str, float]:
+    """Retrieval metrics of a pre-trained method by its protocol: ITM over all pairs for single-stream
+    methods without ITC (CMAL, `ITM_ALL_EVAL_METHODS`), ITC + ITM re-ranking (+ `eval.itm_all`) otherwise."""
+    if cfg.method.name in ITM_ALL_EVAL_METHODS:
+        return run_itm_all_eval(method, rset, cfg, device)
+    return run_retrieval_eval(method.model, rset, cfg, device)
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path, overrides: list[str] | None = None, out_dir: str | Path | None = None
 ) -> dict[str, Any]:
-    """Retrieval metrics (ITC and ITM re-ranked) of a pre-trained checkpoint on the world's eval split."""
-    cfg, tokenizer, model = load_checkpoint_model(checkpoint, overrides)
+    """Retrieval metrics of a pre-trained checkpoint on the world's eval split: ITC and ITM re-ranked for
+    ALBEF-style models, ITM over all pairs for CMAL (see `evaluate_method`)."""
+    cfg, tokenizer, method = load_checkpoint_method(checkpoint, overrides)
     device = resolve_device(cfg.train.device)
-    model.to(device).eval()
+    method.to(device).eval()
     world = build_world(cfg)
     rset = retrieval_set(cfg, world, tokenizer)
-    metrics = run_retrieval_eval(model, rset, cfg, device)
+    metrics = evaluate_method(method, rset, cfg, device)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(metrics, indent=2))
-        write_retrieval_figure(model, rset, cfg, device, out / "retrieval_examples.png")
+        if cfg.method.name not in ITM_ALL_EVAL_METHODS:  # the example figure ranks by ITC
+            write_retrieval_figure(method.model, rset, cfg, device, out / "retrieval_examples.png")
     return metrics
 
 
@@ -207,21 +249,30 @@ def show_world(out: str | Path, split: str = "train", count: int = 16, image_siz
     return out
 
 
-DEMO_COLUMNS = ["method", "pairs", "steps", "run_s", "t2i_R@1", "i2t_R@1", "r_mean", "t2i_R@1_itm", "r_mean_itm", "hardneg_itm", "chance_R@1"]
+# Same protocol for both methods: ITM score over all (image, text) pairs of the same test images (CMAL has
+# no ITC); the baseline's own ITC ranking is shown beside it.
+DEMO_COLUMNS = ["method", "pairs", "steps", "run_s", "t2i_R@1", "i2t_R@1", "r_mean", "hardneg",
+                "itc_t2i_R@1", "itc_r_mean", "chance_R@1"]
+DEMO_CONFIGS = {"albef": "demo", "cmal": "demo_cmal"}
 
 
-def demo(out_dir: str | Path = "runs/demo", overrides: list[str] | None = None) -> str:
-    """Pre-train the tiny baseline on the world, evaluate retrieval, return the metrics table.
+def demo(out_dir: str | Path = "runs/demo", overrides: list[str] | None = None,
+         methods: tuple[str, ...] = ("albef", "cmal")) -> str:
+    """Pre-train the tiny baseline and CMAL on the same world pairs for the same steps, evaluate both on
+    the same test images, return the side-by-side metrics table (also written to `out_dir/results.md`).
 
-    Sized to finish within 10 minutes on 2 CPU cores (see README for measured figures).
+    Sized to finish within 10 minutes on 2 CPU cores (see README for measured figures). `overrides`
+    apply to both runs.
     """
     from vlp.viz import format_table
 
     out_dir = Path(out_dir)
     rows = []
-    for method in ["albef"]:
-        run_overrides = [f"method.name={method}", f"train.out_dir={out_dir / method}", *(overrides or [])]
-        cfg = load_config("demo", run_overrides)
+    for method in methods:
+        if method not in DEMO_CONFIGS:
+            raise ValueError(f"unknown demo method '{method}' (known: {', '.join(DEMO_CONFIGS)})")
+        run_overrides = [f"train.out_dir={out_dir / method}", *(overrides or [])]
+        cfg = load_config(DEMO_CONFIGS[method], run_overrides)
         start = time.time()
         run_dir = pretrain(cfg)
         seconds = time.time() - start
@@ -233,17 +284,18 @@ def demo(out_dir: str | Path = "runs/demo", overrides: list[str] | None = None) 
 
 
 def _demo_row(method: str, cfg: RunConfig, seconds: float, m: dict[str, float]) -> dict[str, Any]:
-    get = lambda key: m.get(f"eval/{key}", m.get(key, float("nan")))  # noqa: E731
-    return {
+    """One table row; metrics a method does not produce (CMAL has no ITC) are left out (printed "-")."""
+    row: dict[str, Any] = {
         "method": method,
         "pairs": cfg.data.budget,
         "steps": cfg.train.steps,
         "run_s": round(seconds),  # pre-training + evaluation wall time
-        "t2i_R@1": round(get("itc/img_r1"), 1),
-        "i2t_R@1": round(get("itc/txt_r1"), 1),
-        "r_mean": round(get("itc/r_mean"), 1),
-        "t2i_R@1_itm": round(get("itm/img_r1"), 1),
-        "r_mean_itm": round(get("itm/r_mean"), 1),
-        "hardneg_itm": round(get("itm/hard_neg_acc"), 1),
         "chance_R@1": round(100.0 / cfg.eval.num_images, 2),
     }
+    columns = {"t2i_R@1": "itm_all/img_r1", "i2t_R@1": "itm_all/txt_r1", "r_mean": "itm_all/r_mean",
+               "hardneg": "itm_all/hard_neg_acc", "itc_t2i_R@1": "itc/img_r1", "itc_r_mean": "itc/r_mean"}
+    for column, key in columns.items():
+        value = m.get(f"eval/{key}", m.get(key))
+        if value is not None:
+            row[column] = round(float(value), 1)
+    return row

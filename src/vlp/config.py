@@ -150,6 +150,9 @@ class EvalConfig(_Strict):
     num_images: int = 200
     k_rerank: int = 16  # ITC top-k re-ranked by ITM; 0 = ITC only
     batch_size: int = 128
+    # Also rank fusion models (ALBEF) by their ITM score over ALL pairs (UNITER protocol, I x 5I fusion
+    # forwards): the protocol single-stream methods (CMAL) are scored with, so the two compare like with like.
+    itm_all: bool = False
 
 
 class RunConfig(_Strict):
