@@ -2,13 +2,13 @@
 
 import pytest
 
-from vlp.bench import bench_train_step, bench_world, matmul_peak_flops
+from vlp.bench import bench_train_step, bench_world, compare_train_steps, matmul_peak_flops
 
 SMALL = ["model.vision.depth=1", "model.text.depth=1", "model.fusion.depth=1", "train.device=cpu"]
 
 
 def test_bench_train_step_reports_throughput_and_mfu():
-    result = bench_train_step("albef_tiny", SMALL, batch_size=4, steps=1, warmup=0, text_len=8)
+    result = bench_train_step("albef_tiny", SMALL, batch_size=4, steps=1, warmup=0)
     assert result["samples_per_s"] == pytest.approx(4 / result["step_s"])
     # a training step does at least forward + backward of the encoders: > 2x forward flops per pair
     assert result["GFLOP_per_step"] > 0
@@ -25,3 +25,11 @@ def test_matmul_peak_is_positive():
 def test_bench_world():
     result = bench_world(image_size=32, count=5)
     assert result["samples_per_s_per_core"] > 1
+
+
+def test_compare_baseline_and_cmal_in_one_run():
+    rows = compare_train_steps(["albef_tiny", "cmal_tiny"], SMALL, batch_size=4, steps=3, warmup=0)
+    assert [r["method"] for r in rows] == ["albef", "cmal"]
+    assert rows[0]["step_vs_first"] == 1.0
+    assert rows[1]["step_vs_first"] == pytest.approx(rows[1]["step_s"] / rows[0]["step_s"])
+    assert all(r["GFLOP_per_step"] > 0 and r["params_M"] > 0 for r in rows)

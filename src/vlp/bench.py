@@ -11,46 +11,34 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from vlp.api import world_class_words
 from vlp.config import RunConfig, load_config
+from vlp.data.datasets import PairDataset, collate
 from vlp.data.world import World
 from vlp.methods import build_method
 from vlp.models.model import VLModel
 from vlp.types import Batch
 
 
-@dataclass
-class _SyntheticTokenizer:
-    """Token ids for a synthetic batch: the benchmark measures compute, not text."""
+def world_batch(cfg: RunConfig, batch_size: int, device: torch.device) -> tuple[Batch, Any]:
+    """A real training batch of the world at the config's image size (captions, boxes, region labels):
+    every method gets the inputs it trains on (CMAL needs boxes and its class lexicon), and methods
+    compared in one run see the same batch. Returns (batch, tokenizer)."""
+    from vlp.api import build_tokenizer
 
-    vocab_size: int
-    pad_id: int = 0
-    cls_id: int = 1
-    sep_id: int = 2
-    mask_id: int = 3
-    unk_id: int = 4
-
-    @property
-    def special_ids(self) -> frozenset[int]:
-        return frozenset({0, 1, 2, 3, 4})
-
-
-def synthetic_batch(cfg: RunConfig, batch_size: int, text_len: int, vocab_size: int, device: torch.device) -> Batch:
-    size = cfg.model.vision.image_size
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, vocab_size, (batch_size, text_len), generator=gen)
-    ids[:, 0], ids[:, -1] = 1, 2
-    return Batch(
-        input_ids=ids.to(device),
-        attention_mask=torch.ones_like(ids).to(device),
-        images=torch.randn(batch_size, 3, size, size, generator=gen).to(device),
-        image_ids=torch.arange(batch_size).to(device),
-        sample_keys=torch.arange(batch_size).to(device),
-    )
+    world = World(seed=cfg.data.world_seed, image_size=cfg.model.vision.image_size, sizes={"train": batch_size})
+    tokenizer = build_tokenizer(cfg, world)
+    data = PairDataset(world.split("train"), tokenizer, cfg.data.max_text_len, max_words=cfg.data.max_text_len)
+    per_image = data.captions_per_image  # one caption of each of `batch_size` images: ITM needs other images
+    batch = collate([data[i * per_image + i % per_image] for i in range(batch_size)])
+    batch.sample_keys = torch.arange(batch_size)
+    return batch.to(device), tokenizer
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -73,19 +61,22 @@ def _sync(device: torch.device) -> None:
 
 def bench_train_step(
     config: str = "albef_tiny", overrides: list[str] | None = None, batch_size: int | None = None,
-    steps: int = 5, warmup: int = 2, text_len: int = 32,
+    steps: int = 5, warmup: int = 2,
 ) -> dict[str, float]:
-    """Samples/s, step time, peak memory and MFU of `steps` optimizer steps on synthetic batches."""
+    """Samples/s, step time, peak memory and MFU of `steps` optimizer steps on one real world batch.
+
+    A method that samples one task per step (CMAL `task_mixing: ratio`) is timed over `steps` consecutive
+    steps of its task schedule, so the mean step time is the one training sees (use enough steps for the
+    mix to show: the ratio 1:3:2 needs ~12+); FLOPs are counted on the first step's task.
+    """
     cfg = load_config(config, overrides)
     device = torch.device(cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_size = batch_size or cfg.train.batch_size
-    vocab = cfg.model.text.vocab_size or max(cfg.data.vocab_size, 1000)
-    tokenizer = _SyntheticTokenizer(vocab_size=vocab)
+    batch, tokenizer = world_batch(cfg, batch_size, device)
     torch.manual_seed(0)
-    model = VLModel(cfg.model, vocab_size=vocab, pad_id=0)
-    method = build_method(cfg, model, tokenizer).to(device)  # synthetic text: no lexicon (ALBEF-family)
+    model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+    method = build_method(cfg, model, tokenizer, class_words=world_class_words()).to(device)
     optimizer = torch.optim.AdamW(method.parameters(), lr=1e-4)
-    batch = synthetic_batch(cfg, batch_size, text_len, vocab, device)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -112,11 +103,12 @@ def bench_train_step(
     _sync(device)
     step_s = (time.perf_counter() - start) / steps
     result = {
-        "config": config,
+        "config": str(config),
+        "method": cfg.method.name,
         "device": str(device),
         "precision": cfg.train.precision,
         "batch_size": batch_size,
-        "params_M": model.num_parameters() / 1e6,
+        "params_M": sum(p.numel() for p in method.parameters()) / 1e6,
         "step_s": step_s,
         "samples_per_s": batch_size / step_s,
         "peak_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -127,6 +119,18 @@ def bench_train_step(
     if device.type == "cuda":
         result["peak_gpu_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result
+
+
+def compare_train_steps(
+    configs: Sequence[str], overrides: list[str] | None = None, batch_size: int | None = None, steps: int = 5,
+    warmup: int = 2,
+) -> list[dict[str, float]]:
+    """`bench_train_step` for several configs in one process, one after the other on the same machine
+    state; each row gains `step_vs_first` = its step time / the first config's (e.g. CMAL vs baseline)."""
+    rows = [bench_train_step(c, overrides, batch_size, steps, warmup) for c in configs]
+    for row in rows:
+        row["step_vs_first"] = row["step_s"] / rows[0]["step_s"]
+    return rows
 
 
 def bench_world(image_size: int = 64, count: int = 200) -> dict[str, float]:

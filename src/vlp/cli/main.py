@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="measure step throughput, MFU, memory, or world rendering speed")
     bsub = b.add_subparsers(dest="bench_command", required=True)
-    bt = bsub.add_parser("train", help="samples/s, peak memory and MFU of a pre-training step (synthetic batch)")
-    bt.add_argument("--config", default="albef_tiny")
+    bt = bsub.add_parser("train", help="samples/s, peak memory and MFU of a pre-training step (one real world batch)")
+    bt.add_argument("--config", action="append", default=None,
+                    help="config to time (repeat to compare several in one run, e.g. albef_tiny and cmal_tiny)")
     bt.add_argument("--batch-size", type=int, default=None)
     bt.add_argument("--steps", type=int, default=5)
     _add_set(bt)
@@ -112,7 +113,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from vlp import bench
 
         if args.bench_command == "train":
-            result = bench.bench_train_step(args.config, args.overrides, args.batch_size, args.steps)
+            rows = bench.compare_train_steps(args.config or ["albef_tiny"], args.overrides, args.batch_size, args.steps)
+            if len(rows) > 1:  # one row per config, side by side
+                print(format_table(rows))
+                return 0
+            result = rows[0]
         else:
             result = bench.bench_world(args.image_size, args.count)
         print(format_table([{"metric": k, "value": v} for k, v in result.items()], ["metric", "value"]))
