@@ -22,14 +22,19 @@ from vlp.data.datasets import PairDataset, RetrievalSet, collate
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data import lexicon
 from vlp.data.render import render_grid
-from vlp.data.world import World
+from vlp.data.world import World, WorldSplit
 from vlp.methods import build_method
+from vlp.methods.cmal import Cmal, swap_fill
+from vlp.models.losses import IGNORE_INDEX
 from vlp.models.model import VLModel
 from vlp.tasks.retrieval import eval_mode, evaluate_retrieval, evaluate_retrieval_itm_all, retrieval_examples
 from vlp.train.checkpoint import load_model_weights
 from vlp.train import launch
 from vlp.train.loop import Trainer
-from vlp.viz import plot_loss_curve, plot_retrieval_examples
+from vlp.train.sampler import KEY_SEED_STRIDE
+from vlp.viz import (
+    CmalPromptRegion, CmalPromptToken, CmalPromptView, plot_cmal_prompt, plot_loss_curve, plot_retrieval_examples,
+)
 
 EVAL_SPLIT_SIZE = 1000  # images in each of val / test / compositional
 # Methods evaluated by retrieval at the end of pre-training. ALBEF: ITC ranking + ITM re-ranking over ViT
@@ -131,8 +136,13 @@ def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None,
     out_dir = Path(cfg.train.out_dir)
     with launch.distributed_session(cfg.train.device):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        world = build_world(cfg)
-        tokenizer = build_tokenizer(cfg, world)
+        # User data (data.source: regions | karpathy, vlp.data.regions) brings its own tokenizer, dataset,
+        # collate function and class words; the embedded world is built for data.source: world only.
+        from vlp.data.regions import open_pretrain_source
+
+        source = open_pretrain_source(cfg) if cfg.data.source != "world" else None
+        world = build_world(cfg) if source is None else None
+        tokenizer = build_tokenizer(cfg, world) if source is None else source.tokenizer
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(dump_config(cfg))
@@ -140,20 +150,26 @@ def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None,
         launch.barrier()  # the other ranks' Trainer checks that tokenizer.json exists
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
-        method = build_method(cfg, model, tokenizer, class_words=world_class_words())
-        dataset = PairDataset(
-            world.split("train"), tokenizer, cfg.data.max_text_len, cfg.data.budget, max_words=cfg.data.max_text_len
-        )
+        method = build_method(cfg, model, tokenizer,
+                              class_words=world_class_words() if source is None else source.class_words)
+        if source is None:
+            dataset = PairDataset(
+                world.split("train"), tokenizer, cfg.data.max_text_len, cfg.data.budget, max_words=cfg.data.max_text_len
+            )
+            collate_fn = collate
+        else:
+            dataset, collate_fn = source.dataset, source.collate_fn
         # Same on every rank: the Trainer calls eval_fn on rank 0 only, but every rank must take part in
         # the barrier that follows an eval (with eval_fn=None a rank skips it and rank 0 is left waiting).
-        evaluate = cfg.method.name in RETRIEVAL_EVAL_METHODS
+        # Retrieval is evaluated on the world's test split, so only for runs trained on the world.
+        evaluate = source is None and cfg.method.name in RETRIEVAL_EVAL_METHODS
         rset = retrieval_set(cfg, world, tokenizer) if evaluate and rank == 0 else None
 
         def eval_fn(trained: torch.nn.Module, step: int) -> dict[str, float]:
             return evaluate_method(trained, rset, cfg, trainer.device)
 
         trainer = Trainer(
-            cfg, method, dataset, collate, out_dir,
+            cfg, method, dataset, collate_fn, out_dir,
             eval_fn=eval_fn if evaluate else None, tokenizer_json=str(out_dir / "tokenizer.json"),
         )
         records = trainer.fit(resume=resume)
@@ -238,9 +254,22 @@ def evaluate_checkpoint(
     return metrics
 
 
-def show_world(out: str | Path, split: str = "train", count: int = 16, image_size: int = 64, seed: int = 0) -> Path:
-    """Render `count` samples of a world split to a PNG grid (captions, boxes, a hard negative)."""
+def show_world(
+    out: str | Path, split: str = "train", count: int = 16, image_size: int = 64, seed: int = 0, task: str | None = None
+) -> Path:
+    """Render `count` samples of a world split to a PNG grid (captions, boxes, a hard negative).
+
+    With `task` ("ve", "rec", "vqa", "nlvr2") the grid shows that task's first `count` records of the
+    split with their labels instead (`vlp.data.world_tasks`; REC: target green, other objects red,
+    proposals dashed blue).
+    """
     world = World(seed=seed, image_size=image_size)
+    if task is not None:
+        from vlp.data.render import render_task_grid
+        from vlp.data.world_tasks import world_task_data
+
+        data = world_task_data(world, task, split, count)
+        return render_task_grid(task, data.splits[split], data.images, out)
     data = world.split(split)
     samples = [data[i] for i in range(min(count, len(data)))]
     out = Path(out)
@@ -277,13 +306,13 @@ def demo(out_dir: str | Path = "runs/demo", overrides: list[str] | None = None,
         run_dir = pretrain(cfg)
         seconds = time.time() - start
         metrics = json.loads((run_dir / "eval.json").read_text())
-        rows.append(_demo_row(method, cfg, seconds, metrics))
+        rows.append(method_row(method, cfg, seconds, metrics))
     table = format_table(rows, DEMO_COLUMNS)
     (out_dir / "results.md").write_text(table + "\n")
     return table
 
 
-def _demo_row(method: str, cfg: RunConfig, seconds: float, m: dict[str, float]) -> dict[str, Any]:
+def method_row(method: str, cfg: RunConfig, seconds: float, m: dict[str, float]) -> dict[str, Any]:
     """One table row; metrics a method does not produce (CMAL has no ITC) are left out (printed "-")."""
     row: dict[str, Any] = {
         "method": method,
@@ -299,3 +328,182 @@ def _demo_row(method: str, cfg: RunConfig, seconds: float, m: dict[str, float]) 
         if value is not None:
             row[column] = round(float(value), 1)
     return row
+
+
+# ------------------------------------------------------------------------------ CMAL prompt figure
+CMAL_SHOW_IMAGE_PX = 256  # the image is shown upscaled (nearest) to this side
+CMAL_SHOW_CAPTIONS = 5  # captions per image in PairDataset (training row = index * 5 + caption)
+
+
+def build_cmal_show(
+    config: str | Path | RunConfig, checkpoint: str | Path | None, overrides: list[str] | None, split: str,
+    index: int, caption: int,
+) -> tuple[RunConfig, TextTokenizer, Cmal, WorldSplit]:
+    """(config, tokenizer, `Cmal` method, world split) exactly as training builds them: from a config
+    (the tokenizer is re-trained on the world, as `pretrain` does) or from a checkpoint (config +
+    tokenizer + model weights; the method's own heads stay untrained: anchors, masking and the swap do
+    not depend on weights). `split` / `index` / `caption` are checked before the tokenizer is built."""
+    if checkpoint is not None:
+        cfg, tokenizer, model = load_checkpoint_model(checkpoint, overrides)
+    else:
+        cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+        tokenizer, model = None, None
+    if cfg.method.name != "cmal":
+        raise ValueError(f"`cmal show` needs a CMAL run (method.name: cmal), but "
+                         f"{checkpoint if checkpoint is not None else config} has method.name: {cfg.method.name}")
+    world = build_world(cfg)
+    if split == "unpaired_text":
+        raise ValueError("the unpaired_text split has no images (text only): pick an image split")
+    data = world.split(split)
+    if not 0 <= index < len(data):
+        raise ValueError(f"--index {index} is out of range: the {split} split of this config has {len(data)} "
+                         f"images (valid: 0..{len(data) - 1})")
+    captions = min(len(data[index].captions), CMAL_SHOW_CAPTIONS)
+    if not 0 <= caption < captions:
+        raise ValueError(f"--caption {caption} is out of range: training uses {captions} captions of {split}[{index}] "
+                         f"(valid: 0..{captions - 1})")
+    if tokenizer is None:
+        tokenizer = build_tokenizer(cfg, world)
+        torch.manual_seed(cfg.train.seed)
+        model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+    method = build_method(cfg, model, tokenizer, class_words=world_class_words())
+    if not isinstance(method, Cmal):
+        raise ValueError(f"method.name: cmal built a {type(method).__name__}, not vlp.methods.cmal.Cmal")
+    return cfg, tokenizer, method.eval(), data
+
+
+def cmal_sample_key(row: int, seed: int = 0) -> int:
+    """The sample key the trainer gives dataset row `row` in the first epoch of a run with
+    `train.seed = seed` (`vlp.train.sampler`: seed * KEY_SEED_STRIDE + epoch * N + row, epoch 0).
+    CMAL's partners and masks are a pure function of this key."""
+    if row < 0 or seed < 0:
+        raise ValueError(f"row and seed must be >= 0, got row={row}, seed={seed}")
+    return int(seed) * KEY_SEED_STRIDE + int(row)
+
+
+@torch.no_grad()
+def cmal_prompt_view(
+    method: Cmal, tokenizer: TextTokenizer, data: WorldSplit, index: int, caption: int = 0, seed: int = 0,
+    max_len: int = 40, title: str = "",
+) -> CmalPromptView:
+    """What CMAL's associative prompt puts where for caption `caption` of `data[index]`, as plain data
+    (`vlp.viz.CmalPromptView`), computed with the training code path.
+
+    The sample goes through `PairDataset` + `collate` (row = index * 5 + caption, the row it has in
+    training), gets the sample key `cmal_sample_key(row, seed)`, then `method.regions`, `method.anchors`
+    and `method.mask` give the partners π and the masking, and `swap_fill` itself is run on index-coded
+    vectors (text slot t holds t + 1, region slot i holds -(i + 1)) so the region content after the swap,
+    "last pointing token wins" included, is read from what `swap_fill` returns, not re-derived here.
+    ValueError for an index / caption outside the split; RuntimeError if the tensors disagree (a bug).
+    """
+    dataset = PairDataset(data, tokenizer, max_len, captions_per_image=CMAL_SHOW_CAPTIONS, max_words=max_len)
+    if not (0 <= index < len(data) and 0 <= caption < CMAL_SHOW_CAPTIONS):
+        raise ValueError(f"sample {index} caption {caption} is outside the {len(data)}-image split "
+                         f"({CMAL_SHOW_CAPTIONS} captions per image)")
+    row = index * CMAL_SHOW_CAPTIONS + caption
+    batch = collate([dataset[row]])
+    key = cmal_sample_key(row, seed)
+    batch.sample_keys = torch.tensor([key], dtype=torch.long)
+    device = next(method.parameters()).device
+    batch = batch.to(device)
+    regions = method.regions(batch)
+    pairs = method.anchors(batch, regions)
+    partner, masking = method.mask(batch, regions, pairs)
+    T, N = batch.input_ids.shape[1], regions.labels.shape[1]
+    word_code = torch.arange(1, T + 1, dtype=torch.float64, device=device)[None, :, None]
+    region_code = -torch.arange(1, N + 1, dtype=torch.float64, device=device)[None, :, None]
+    hybrid_word, hybrid_region = swap_fill(word_code, region_code, partner, masking.region_masked)
+    hybrid_word, hybrid_region = hybrid_word[0, :, 0].long().tolist(), hybrid_region[0, :, 0].long().tolist()
+
+    sample = data[index]
+    offset = 1 if method.cfg.whole_image_region else 0
+    ids, masked_ids = batch.input_ids[0].tolist(), masking.masked_ids[0].tolist()
+    labels_txt, special = masking.txt_labels[0].tolist(), {int(i) for i in tokenizer.special_ids}
+    pi, matches = partner[0].tolist(), pairs[0]
+    piece = tokenizer.backend.id_to_token
+
+    def region_name(i: int) -> str:
+        label = int(regions.labels[0, i])
+        if label == 0:
+            return "whole image" if offset and i == 0 else "background"
+        obj = sample.objects[i - offset]
+        class_name = lexicon.CLASSES[label - 1].name
+        if obj.class_id != label - 1:
+            raise RuntimeError(f"region {i} has label {class_name} but object {i - offset} is a {obj.class_name}")
+        return f"{obj.colour} {class_name}"
+
+    names = [region_name(i) for i in range(N)]
+    tokens = []
+    for t in range(T):
+        if not batch.attention_mask[0, t]:
+            continue
+        content = hybrid_word[t]
+        if content < 0:  # the slot holds a region's visual vector
+            kind, after = "anchor", f"⟨R{-content - 1} {names[-content - 1]}⟩"
+        elif ids[t] in special:
+            kind, after = "special", piece(ids[t])
+        elif labels_txt[t] != IGNORE_INDEX:
+            new = masked_ids[t]
+            kind = "mlm_mask" if new == tokenizer.mask_id else ("mlm_kept" if new == ids[t] else "mlm_random")
+            after = piece(new)
+        else:
+            kind, after = "plain", piece(ids[t])
+        tokens.append(CmalPromptToken(
+            position=t, piece=piece(ids[t]), kind=kind, after=after, partner=int(pi[t]),
+            matches=tuple(int(i) for i in matches[t].nonzero().flatten().tolist())))
+    region_views = []
+    for i in range(N):
+        if not regions.mask[0, i]:
+            continue
+        content = hybrid_region[i]
+        if content > 0:
+            status, after = "anchor", f"word '{piece(ids[content - 1])}'"
+        elif content == 0:
+            status, after = "masked", "0 (masked)"
+        else:
+            status, after = "plain", "visual"
+        if status == "anchor" and not bool(masking.region_swapped[0, i]):
+            raise RuntimeError(f"swap_fill filled region {i} with a word but anchor_mask did not mark it swapped")
+        if status == "masked" and not bool(masking.region_masked[0, i]):
+            raise RuntimeError(f"swap_fill zeroed region {i} but anchor_mask did not mark it masked")
+        x1, y1, x2, y2 = (float(v) for v in regions.boxes[0, i, :4].tolist())
+        region_views.append(CmalPromptRegion(
+            index=i, box=(x1, y1, x2, y2), name=names[i], status=status, after=after,
+            filled_from=content - 1 if content > 0 else -1,
+            pointing=tuple(t for t in range(T) if pi[t] == i)))
+    cfg = method.cfg
+    anchors = sum(1 for t in tokens if t.kind == "anchor")
+    notes = (
+        f"Sample key {key} = the key the trainer gives row {row} ({len(data)}-image split, caption {caption}) in "
+        f"epoch 0 of a run with train.seed = {seed}; partners and masks are a pure function of it.",
+        f"{anchors} anchor token(s): each names an object class of some region; its slot holds the visual vector "
+        f"e^v of its partner region π(t) (uniform among the regions it names) and its label is the original word. "
+        f"Other tokens: {cfg.mlm_prob * 100:g} % MLM (80 % [MASK], 10 % random, 10 % kept). Regions: partners get the word "
+        f"vector of the LAST token pointing to them (quirk 3); {cfg.region_mask_prob * 100:g} % of the other labelled "
+        f"regions are masked (vector 0).",
+        "Positions and boxes are NOT swapped: a text slot keeps its own position + type-0 embedding and a region "
+        "slot its own box + type-1 embedding; only the content vectors move (cmal.md §5).",
+    )
+    return CmalPromptView(image=sample.image, caption=sample.captions[caption], tokens=tuple(tokens),
+                          regions=tuple(region_views), title=title, notes=notes)
+
+
+def show_cmal(
+    out: str | Path, config: str | Path | RunConfig = "cmal_tiny", checkpoint: str | Path | None = None,
+    split: str = "train", index: int = 0, seed: int = 0, overrides: list[str] | None = None, caption: int = 0,
+) -> Path:
+    """Write a PNG of what CMAL's associative prompt puts where for caption `caption` of sample `index`
+    of `split` (anchors, partner regions, masked tokens and regions, region slots after the swap).
+
+    The method is built from `config` (default `cmal_tiny`) or from a checkpoint directory (its config +
+    tokenizer); `seed` picks the sample key (`cmal_sample_key`), so different seeds show different masks.
+    ValueError for a non-CMAL config or an out-of-range index / caption. Returns the path written.
+    """
+    cfg, tokenizer, method, data = build_cmal_show(config, checkpoint, overrides, split, index, caption)
+    source = f"checkpoint {checkpoint}" if checkpoint is not None else (
+        "config" if isinstance(config, RunConfig) else str(config))
+    title = f"CMAL associative prompt · {source} · {split}[{index}] caption {caption} · seed {seed}"
+    view = cmal_prompt_view(method, tokenizer, data, index, caption, seed, cfg.data.max_text_len, title)
+    out = Path(out)
+    plot_cmal_prompt(view, out, image_px=CMAL_SHOW_IMAGE_PX)
+    return out

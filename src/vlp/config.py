@@ -109,17 +109,36 @@ class MethodConfig(_Strict):
     wrc_faithful: bool = False  # true = code's WRC normalisation (padding in softmax, / L_t*N; quirk 2)
     max_regions: int = 100  # BUTD max_bb
     whole_image_region: bool = False  # prepend a [0,0,1,1] region with label 0 (our addition)
+    # Region inputs (vlp.methods.cmal, README "Region inputs"): input dim D of the region embedding.
+    # 0 = the ViT width (features RoI-pooled from the ViT grid); precomputed detector features
+    # (data.source: regions) need their D here (BUTD: 2048) so the model is built before data is read.
+    region_feat_dim: int = 0
+    grid_regions: int = 3  # images without boxes: a g x g grid of cells as regions (label 0, no anchors)
 
 
 # ------------------------------------------------------------------------------------------ data
 class DataConfig(_Strict):
-    source: Literal["world"] = "world"
+    # world = the embedded world; regions = captions + precomputed detector features (BUTD/UNITER npz,
+    # no images); karpathy = captions JSON + image folder, no boxes (CMAL uses grid cells). See
+    # vlp.data.regions.open_pretrain_source.
+    source: Literal["world", "regions", "karpathy"] = "world"
     world_seed: int = 0  # images are rendered at model.vision.image_size
     budget: Optional[int] = 4000  # paired-data budget: first N (image, caption) rows of train; None = all
     train_images: int = 20000  # size of the train split (images); budgets are prefixes of it
     max_text_len: int = 40  # world captions reach ~35 words (one token each)
     vocab_size: int = 1000  # WordPiece vocab trained on the world's text
-    tokenizer: Literal["world", "bert"] = "world"  # bert = packaged uncased vocab (MiniLM)
+    tokenizer: Literal["world", "bert", "captions"] = "world"  # bert = packaged uncased vocab (MiniLM);
+    # captions = WordPiece of vocab_size learnt on data.captions, class-vocabulary words forced whole tokens
+    # User data (source regions | karpathy); paths relative to the working directory.
+    captions: Optional[str] = None  # captions JSON: ALBEF/Karpathy list, {image_id, caption} list, or COCO
+    image_root: Optional[str] = None  # karpathy: folder the captions' "image" paths are relative to
+    features: Optional[str] = None  # regions: one .npz of many images, or a folder of <image_id>.npz
+    class_vocab: Optional[str] = None  # regions: BUTD objects_vocab.txt (line k = class k, "alias,alias")
+    region_labels_faithful: bool = False  # true = reference argmax(p[:, 1:-1]) (cmal.md §12 quirk 1)
+    adaptive_regions: bool = False  # UNITER adaptive N = clip(#{conf > conf_th}, min_bb, max_bb)
+    region_conf_th: float = 0.2
+    region_min_bb: int = 10
+    region_max_bb: int = 100
     num_workers: int = 0
 
 
@@ -155,12 +174,35 @@ class EvalConfig(_Strict):
     itm_all: bool = False
 
 
+class TaskConfig(_Strict):
+    """Downstream fine-tuning (`vlp finetune TASK`, vlp.finetune): which task, which data, which start."""
+
+    name: Literal["retrieval", "ve", "rec", "vqa", "nlvr2"] = "ve"
+    # Pre-trained run / checkpoint directory to start from; None = the same method freshly initialised
+    # ("from scratch": what pre-training buys is the difference).
+    checkpoint: Optional[str] = None
+    init: str = "demo"  # config (name or YAML) giving model + method when checkpoint is None
+    data: str = "world"  # world | easy-vqa (vqa) | files (annotations + image_root below)
+    train_size: int = 4000  # world: examples generated for training; files / easy-vqa: first N (0 = all)
+    eval_size: int = 500  # per evaluation split, as train_size
+    eval_splits: list[str] = Field(default_factory=lambda: ["val", "test"])
+    # files: split -> annotation file (SNLI-VE / NLVR2 JSONL), or split -> [questions, annotations] (VQAv2),
+    # or {refs: ..., instances: ...} (RefCOCO, all splits in one file); see README "Bring your own data"
+    annotations: dict[str, str | list[str]] = Field(default_factory=dict)
+    image_root: Optional[str] = None  # files: folder the records' images are relative to
+    rec_boxes: Literal["gt", "proposals"] = "gt"  # REC training candidates (eval reports both when present)
+    answer_vocab_size: int = 0  # VQA: keep the K most frequent training answers (0 = all)
+    skip_bad: bool = False  # count and skip malformed records instead of failing on the first
+    dropout: float = 0.1  # head dropout
+
+
 class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
 
 
 # ------------------------------------------------------------------------------------- loading

@@ -73,3 +73,22 @@ class Batch:
             value = getattr(self, f.name)
             sliced[f.name] = value[start:stop] if isinstance(value, Tensor) else value
         return replace(self, **sliced)
+
+
+@dataclass
+class PairOutput:
+    """What a pre-trained method hands a downstream head for a batch of (image, text) pairs
+    (`method.encode_pair`, docs/contracts.md "Downstream").
+
+      cls          (B, D) the fused [CLS] state of each pair (classification heads: VE, VQA, NLVR2, ITM)
+      regions      (B, N, Dr) one vector per given region box (REC candidate scoring), None when no boxes
+                   were given. Fusion models (ALBEF) return RoIAlign features of the image grid (not
+                   text-conditioned; the REC head conditions them on `cls`); single-stream models (CMAL)
+                   return the unified encoder's outputs at the region slots (text-conditioned, UNITER).
+      region_mask  (B, N) bool, True = a real region (None when `regions` is None)
+    """
+
+    cls: Tensor
+    regions: Optional[Tensor] = None
+    region_mask: Optional[Tensor] = None
+

@@ -1,4 +1,4 @@
-"""`vlp` command line: pretrain, eval, world show, demo.
+"""`vlp` command line: pretrain, eval, world show, cmal show, bench, demo.
 
 Every command is a thin shell over `vlp.api`. User mistakes (bad config key, missing file,
 incompatible checkpoint, corrupt image) print one `error: ...` line naming the thing and the fix,
@@ -8,6 +8,7 @@ and exit with status 2; a traceback means a bug in vlp.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -21,6 +22,14 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.steps=100 (repeatable)",
     )
+
+
+DOWNSTREAM = {
+    "ve": "SNLI-VE accuracy",
+    "rec": "REC accuracy at IoU >= 0.5, ground-truth boxes and proposals",
+    "vqa": "official VQA accuracy",
+    "nlvr2": "NLVR2 accuracy",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint", required=True, help="checkpoint directory (or the run directory holding it)")
     r.add_argument("--out", default=None, help="directory for eval.json and retrieval_examples.png")
     _add_set(r)
+    for task, text in DOWNSTREAM.items():
+        t = esub.add_parser(task, help=f"re-score a `vlp finetune {task}` run ({text})")
+        t.add_argument("--run", required=True, help="the fine-tuning run directory")
+        _add_set(t)
+
+    f = sub.add_parser("finetune", help="fine-tune a pre-trained checkpoint (or from scratch) on a downstream task")
+    f.add_argument("task", choices=list(DOWNSTREAM), help="downstream task")
+    f.add_argument("--checkpoint", default=None, help="pre-training run or checkpoint directory (omit: from scratch)")
+    f.add_argument("--config", default=None, help="fine-tuning YAML (default: the shipped finetune_<task>)")
+    f.add_argument("--data", default=None, help="world (default) | easy-vqa (vqa) | files (task.annotations)")
+    f.add_argument("--out", default=None, help="shorthand for --set train.out_dir=DIR")
+    _add_set(f)
 
     w = sub.add_parser("world", help="the embedded procedural world")
     wsub = w.add_subparsers(dest="world_command", required=True)
@@ -49,6 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="world.png")
+    # choices = vlp.data.world_tasks.TASKS, spelled out so that parsing imports nothing heavy (tested equal)
+    s.add_argument(
+        "--task", default=None, choices=["ve", "rec", "vqa", "nlvr2"],
+        help="show downstream-task records with their labels (VE, REC, VQA, NLVR2) instead of captions",
+    )
+
+    c = sub.add_parser("cmal", help="inspect CMAL's anchors and associative prompt")
+    csub = c.add_subparsers(dest="cmal_command", required=True)
+    cs = csub.add_parser("show", help="PNG of one sample's anchors, masked tokens/regions and the swap (training code path)")
+    cs.add_argument("--config", default="cmal_tiny", help="CMAL config (YAML or shipped name); ignored with --checkpoint")
+    cs.add_argument("--checkpoint", default=None, metavar="DIR", help="rebuild config + tokenizer (+ model) from a checkpoint")
+    cs.add_argument("--split", default="train", choices=["train", "val", "test", "compositional", "unpaired_images"])
+    cs.add_argument("--index", type=int, default=0, help="image index in the split")
+    cs.add_argument("--caption", type=int, default=0, help="which of the image's captions (0-4)")
+    cs.add_argument("--seed", type=int, default=0, help="picks the sample key (train.seed of the run): other masks")
+    cs.add_argument("--out", default="cmal_prompt.png")
+    _add_set(cs)
 
     b = sub.add_parser("bench", help="measure step throughput, MFU, memory, or world rendering speed")
     bsub = b.add_subparsers(dest="bench_command", required=True)
@@ -101,12 +139,38 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_dir = api.pretrain(args.config, overrides, resume=args.resume)
         print(f"run directory: {run_dir}")
         return 0
+    if args.command == "finetune":
+        from vlp.finetune import finetune
+
+        overrides = list(args.overrides)
+        if args.data == "easy-vqa":  # the packaged set has train and test only
+            overrides += ["task.data=easy-vqa", "task.eval_splits=[test]"]
+        elif args.data:
+            overrides.append(f"task.data={args.data}")
+        if args.out:
+            overrides.append(f"train.out_dir={args.out}")
+        run_dir = finetune(args.task, args.checkpoint, args.config, overrides)
+        metrics = json.loads((run_dir / "eval.json").read_text())
+        print(format_table([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"]))
+        print(f"run directory: {run_dir}")
+        return 0
+    if args.command == "eval" and args.task in DOWNSTREAM:
+        from vlp.finetune import evaluate_task
+
+        metrics = evaluate_task(args.run, args.overrides)
+        print(format_table([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"]))
+        return 0
     if args.command == "eval":
         metrics = api.evaluate_checkpoint(args.checkpoint, args.overrides, out_dir=args.out)
         print(format_table([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"]))
         return 0
     if args.command == "world":
-        out = api.show_world(args.out, args.split, args.count, args.image_size, args.seed)
+        out = api.show_world(args.out, args.split, args.count, args.image_size, args.seed, task=args.task)
+        print(f"wrote {out}")
+        return 0
+    if args.command == "cmal":
+        out = api.show_cmal(args.out, config=args.config, checkpoint=args.checkpoint, split=args.split,
+                            index=args.index, seed=args.seed, overrides=args.overrides, caption=args.caption)
         print(f"wrote {out}")
         return 0
     if args.command == "bench":

@@ -6,14 +6,19 @@
 - `RetrievalSet`: a fully materialised image/text retrieval benchmark (COCO convention, 5 captions per
   image) with the txt2img / img2txt ground truth ALBEF's `itm_eval` needs, plus attribute-swap hard
   negatives from the world; also loads ALBEF/BLIP `coco_karpathy_test.json` files.
+- `read_caption_file`: the one parser of user caption JSON (ALBEF/BLIP Karpathy lists, plain
+  `{"image_id", "caption"}` lists, COCO `captions_*.json`), grouped per image; used by
+  `RetrievalSet.from_karpathy_json`, `ImageCaptionDataset` (pre-training on a captions file + image
+  folder, no boxes) and `vlp.data.regions.RegionCaptionDataset` (precomputed region features).
+- `CaptionRows`: image-major (image, caption) rows over per-image caption lists, with budget prefixes.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -133,13 +138,27 @@ class PairDataset(Dataset):
         }
 
 
-def collate(items: Sequence[dict[str, Any]]) -> Batch:
-    """Collate `PairDataset` items into a `Batch`.
+def _pad_ragged(tensors: Sequence[Tensor], trailing: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Right-pad a list of (N_i, *trailing) tensors with zeros to (B, max N_i, *trailing)."""
+    num = max((int(t.shape[0]) for t in tensors), default=0)
+    out = torch.zeros((len(tensors), num, *trailing), dtype=dtype)
+    for i, t in enumerate(tensors):
+        out[i, : t.shape[0]] = t
+    return out
 
-    Text is right-padded with [PAD] to the longest row (attention_mask 1 = token); regions are padded
-    to the most objects in the batch N (boxes 0, labels 0, `region_mask` False for padding).
-    Shapes: images (B,3,H,W), input_ids/attention_mask (B,T), image_ids (B,), region_boxes (B,N,4),
-    region_labels (B,N), region_mask (B,N) bool, sample_keys (B,) = dataset rows.
+
+def collate(items: Sequence[dict[str, Any]]) -> Batch:
+    """Collate dataset items (`PairDataset`, `ImageCaptionDataset`, `RegionCaptionDataset`) into a `Batch`.
+
+    Text is right-padded with [PAD] to the longest row (attention_mask 1 = token). Regions, when the items
+    carry them, are padded to the most regions in the batch N (features / boxes 0, labels 0, `region_mask`
+    False for padding). Optional item keys, each all-or-nothing over the batch:
+      image          (3, H, W)   -> images (B, 3, H, W)              (absent: images None)
+      region_boxes   (N, 4 | 7)  -> region_boxes (B, N, 4 | 7), region_mask (B, N) bool
+      region_labels  (N,) | None -> region_labels (B, N) long; None for every item -> None (no labels: the
+                                    source cannot name objects, so no anchors; CMAL warns)
+      region_feats   (N, D)      -> region_feats (B, N, D) float32 (precomputed detector features)
+    Always: input_ids / attention_mask (B, T), image_ids (B,), sample_keys (B,) = dataset rows.
     """
     if len(items) == 0:
         raise ValueError("collate got an empty list of items")
@@ -148,6 +167,10 @@ def collate(items: Sequence[dict[str, Any]]) -> Batch:
         raise ValueError(f"items were tokenised with different tokenizers (pad ids {sorted(pad_ids)})")
     pad_id = pad_ids.pop()
     batch_size = len(items)
+    for key in ("image", "region_boxes", "region_feats"):
+        present = sum(key in item for item in items)
+        if 0 < present < batch_size:
+            raise ValueError(f"collate: {present} of {batch_size} items have '{key}': a batch must come from one source")
 
     width = max(int(item["input_ids"].shape[0]) for item in items)
     input_ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
@@ -157,26 +180,244 @@ def collate(items: Sequence[dict[str, Any]]) -> Batch:
         input_ids[i, : ids.shape[0]] = ids
         attention_mask[i, : ids.shape[0]] = 1
 
-    num_regions = max(int(item["region_boxes"].shape[0]) for item in items)
-    region_boxes = torch.zeros((batch_size, num_regions, 4), dtype=torch.float32)
-    region_labels = torch.zeros((batch_size, num_regions), dtype=torch.long)
-    region_mask = torch.zeros((batch_size, num_regions), dtype=torch.bool)
-    for i, item in enumerate(items):
-        n = int(item["region_boxes"].shape[0])
-        region_boxes[i, :n] = item["region_boxes"]
-        region_labels[i, :n] = item["region_labels"]
-        region_mask[i, :n] = True
-
-    return Batch(
+    batch = Batch(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        images=torch.stack([item["image"] for item in items]),
+        images=torch.stack([item["image"] for item in items]) if "image" in items[0] else None,
         image_ids=torch.tensor([int(item["image_id"]) for item in items], dtype=torch.long),
-        region_boxes=region_boxes,
-        region_labels=region_labels,
-        region_mask=region_mask,
         sample_keys=torch.tensor([int(item["row"]) for item in items], dtype=torch.long),
     )
+    if "region_boxes" in items[0]:
+        boxes = [item["region_boxes"] for item in items]
+        columns = {int(b.shape[1]) for b in boxes}
+        if len(columns) != 1:
+            raise ValueError(f"collate: region_boxes of one batch must have the same columns, got {sorted(columns)}")
+        counts = torch.tensor([int(b.shape[0]) for b in boxes])
+        batch.region_boxes = _pad_ragged(boxes, (columns.pop(),), torch.float32)
+        batch.region_mask = torch.arange(batch.region_boxes.shape[1])[None, :] < counts[:, None]
+        labels = [item.get("region_labels") for item in items]
+        if any(lab is not None for lab in labels):
+            labels = [lab if lab is not None else torch.zeros(int(b.shape[0]), dtype=torch.long)
+                      for lab, b in zip(labels, boxes)]
+            batch.region_labels = _pad_ragged(labels, (), torch.long)
+    if "region_feats" in items[0]:
+        if batch.region_boxes is None:
+            raise ValueError("collate: items carry region_feats but no region_boxes (every region needs its box)")
+        feats = [item["region_feats"] for item in items]
+        dims = {int(f.shape[1]) for f in feats}
+        if len(dims) != 1:
+            raise ValueError(f"collate: region_feats of one batch must share one feature dim, got {sorted(dims)}")
+        if any(int(f.shape[0]) != int(b.shape[0]) for f, b in zip(feats, (item["region_boxes"] for item in items))):
+            raise ValueError("collate: an item has a different number of region_feats and region_boxes rows")
+        batch.region_feats = _pad_ragged(feats, (dims.pop(),), torch.float32)
+    return batch
+
+
+# ------------------------------------------------------------------------------------ caption files
+@dataclass(frozen=True)
+class CaptionEntry:
+    """One image of a caption file and all its captions (records of the same image are merged).
+
+    record:   index of the image's first record in the file (error messages point at it)
+    image:    image path relative to an image root ("image" / COCO "file_name"), None when absent
+    image_id: the image's key: the record's "image_id" when given, else the stem of `image`
+              (`vlp.data.regions` looks up `<image_id>.npz`)
+    captions: the raw captions, in file order
+    """
+
+    record: int
+    image: Optional[str]
+    image_id: str
+    captions: tuple[str, ...]
+
+
+def _caption_records(data: Any, file: Path) -> list[dict[str, Any]]:
+    """The flat record list of a parsed caption JSON: a list as is; COCO `{"annotations", "images"}` ->
+    one record per annotation with the image's `file_name` as "image" (when the images list names it)."""
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        names: dict[str, str] = {}
+        for index, image in enumerate(data.get("images") or []):
+            if not isinstance(image, dict) or "id" not in image:
+                raise ValueError(f"{file} images[{index}] must be an object with an 'id', got {image!r:.200}")
+            if "file_name" in image:
+                names[str(image["id"])] = str(image["file_name"])
+        records = []
+        for index, ann in enumerate(data["annotations"]):
+            if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
+                raise ValueError(f"{file} annotations[{index}] must be an object with 'image_id' and 'caption', "
+                                 f"got {ann!r:.200}")
+            record = {"image_id": str(ann["image_id"]), "caption": ann["caption"]}
+            if str(ann["image_id"]) in names:
+                record["image"] = names[str(ann["image_id"])]
+            records.append(record)
+        return records
+    raise ValueError(
+        f"{file} must hold a JSON list of {{'image' and/or 'image_id', 'caption'}} records (ALBEF/BLIP Karpathy "
+        f"files) or a COCO captions object with an 'annotations' list; got {type(data).__name__}"
+    )
+
+
+def _bad_record(message: str, on_bad: Optional[Callable[[str], None]]) -> None:
+    """Raise ValueError(message), or hand it to `on_bad` (the caller then skips the record)."""
+    if on_bad is None:
+        raise ValueError(message)
+    on_bad(message)
+
+
+def read_caption_file(
+    path: str | Path, require_image: bool = False, on_bad: Optional[Callable[[str], None]] = None
+) -> list[CaptionEntry]:
+    """Parse a caption JSON into per-image entries, in order of first appearance (image-major).
+
+    Accepted schemas (cmal.md §9.1 data; ALBEF/BLIP annotation files, `anchors.md`):
+      * ALBEF/BLIP Karpathy lists: `[{"image": "val2014/x.jpg", "caption": str | [str, ...], "image_id"?: ...}]`
+        (`coco_karpathy_train.json` has one record per caption, `..._test.json` one per image with a list);
+      * plain lists `[{"image_id": "coco_391895", "caption": str | [str, ...]}]` (no image path);
+      * COCO `captions_*.json`: `{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}`.
+    Records of one image (same "image", else same "image_id") are merged. `require_image`: every record
+    must name an "image" path (sources that decode pixels). Errors name the file and record index.
+    `on_bad`: when given, a bad record is passed to it as that error message and skipped instead of raising
+    (`vlp.data.formats.read_karpathy(skip_bad=True)` counts them); file-level errors always raise.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"caption / retrieval annotation file not found: {file}")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file} is not valid JSON ({exc}); expected a list of {{'image', 'caption'}} records") from exc
+    records = _caption_records(data, file)
+    if not records:
+        raise ValueError(f"{file} must hold a non-empty list of {{'image': path, 'caption': [str, ...]}} records")
+    need = "'image' and 'caption'" if require_image else "'caption' and 'image' or 'image_id'"
+    order: list[str] = []
+    first: dict[str, int] = {}
+    images: dict[str, Optional[str]] = {}
+    ids: dict[str, str] = {}
+    caps_of: dict[str, list[str]] = {}
+    for index, record in enumerate(records):
+        where = f"{file} record {index}"
+        has_key = isinstance(record, dict) and "caption" in record and (
+            "image" in record if require_image else ("image" in record or "image_id" in record))
+        if not has_key:
+            _bad_record(f"{where} must be an object with {need} keys, got {record!r:.200}", on_bad)
+            continue
+        caps = record["caption"]
+        if isinstance(caps, str):
+            caps = [caps]
+        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+            _bad_record(f"{where}: 'caption' must be a string or a list of strings, got {caps!r:.200}", on_bad)
+            continue
+        image = str(record["image"]) if "image" in record else None
+        image_id = str(record["image_id"]) if "image_id" in record else Path(str(image)).stem
+        if not caps or not all(c.strip() for c in caps):
+            _bad_record(f"{where} ({image if image is not None else image_id}) has an empty caption list or an "
+                        f"empty caption; add captions or remove the record", on_bad)
+            continue
+        key = image if image is not None else image_id
+        if key not in first:
+            order.append(key)
+            first[key], images[key], ids[key], caps_of[key] = index, image, image_id, []
+        caps_of[key].extend(caps)
+    return [CaptionEntry(first[k], images[k], ids[k], tuple(caps_of[k])) for k in order]
+
+
+@dataclass
+class CaptionRows:
+    """Image-major (image, caption) rows over per-image caption counts, cut to a paired-data budget.
+
+    Row r -> (image i, caption j) with rows of image i contiguous; `budget` keeps rows [0, budget), so
+    budgets are nested prefixes (as `PairDataset`). counts: captions per image (I,).
+    """
+
+    counts: Sequence[int]
+    budget: Optional[int] = None
+    offsets: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.offsets = np.concatenate([[0], np.cumsum(np.asarray(self.counts, dtype=np.int64))])
+        available = int(self.offsets[-1])
+        if self.budget is None:
+            self.budget = available
+        elif self.budget < 1:
+            raise ValueError(f"budget must be a positive number of (image, caption) pairs, got {self.budget}")
+        elif self.budget > available:
+            raise ValueError(
+                f"budget={self.budget} pairs exceeds the data: {len(self.counts)} images with {available} captions "
+                f"in all; lower data.budget or set data.budget: null to use every pair"
+            )
+
+    def __len__(self) -> int:
+        return int(self.budget)
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """Row -> (image index, caption index); IndexError outside [0, budget)."""
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} out of range for {len(self)} (image, caption) rows")
+        image = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        return image, row - int(self.offsets[image])
+
+    @property
+    def num_images(self) -> int:
+        """Images with at least one row inside the budget."""
+        return int(np.searchsorted(self.offsets, len(self), side="left"))
+
+
+class ImageCaptionDataset(Dataset):
+    """Pre-training pairs from a caption file + image folder, without boxes (`data.source: karpathy`).
+
+    Rows are image-major over `read_caption_file(captions, require_image=True)` entries (or `entries`,
+    already parsed from that file; `CaptionRows`, budget = prefix). Every image path is checked at construction (fails fast, naming the record); pixels
+    are decoded lazily per item (`load_image`, resized to `image_size`). Items carry no region keys, so a
+    region method must make its own regions (CMAL: grid cells, no anchors; see `vlp.methods.cmal`).
+
+    Item: image (3, S, S) float32, caption str, input_ids (T,) long, pad_id, image_id (entry index), row.
+    """
+
+    def __init__(
+        self,
+        captions: str | Path,
+        image_root: str | Path,
+        tokenizer: TextTokenizer,
+        max_len: int,
+        image_size: int,
+        budget: Optional[int] = None,
+        max_words: int = 30,
+        entries: Optional[Sequence[CaptionEntry]] = None,
+    ) -> None:
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2 to hold [CLS] and [SEP], got {max_len}")
+        self.file = Path(captions)
+        self.root = Path(image_root)
+        self.entries = list(entries) if entries is not None else read_caption_file(self.file, require_image=True)
+        self.rows = CaptionRows([len(e.captions) for e in self.entries], budget)
+        for entry in self.entries[: self.rows.num_images]:
+            image_path = self.root / str(entry.image)
+            if not image_path.is_file():
+                raise FileNotFoundError(
+                    f"{self.file} record {entry.record}: image not found: {image_path}; check data.image_root "
+                    f"({self.root}) or remove the record"
+                )
+        self.tokenizer, self.max_len, self.image_size, self.max_words = tokenizer, max_len, image_size, max_words
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        if row < 0:
+            row += len(self)
+        image_index, caption_index = self.rows.locate(row)
+        entry = self.entries[image_index]
+        caption = entry.captions[caption_index]
+        input_ids, _ = self.tokenizer.encode([caption], self.max_len, max_words=self.max_words)
+        try:
+            image = load_image(self.root / str(entry.image), self.image_size)
+        except ValueError as exc:
+            raise ValueError(f"{self.file} record {entry.record}: {exc}") from exc
+        return {"image": image, "caption": caption, "input_ids": input_ids[0], "pad_id": self.tokenizer.pad_id,
+                "image_id": image_index, "row": row}
 
 
 def _ground_truth(counts: Sequence[int]) -> tuple[Tensor, list[list[int]]]:
@@ -320,48 +561,32 @@ class RetrievalSet:
         """Load an ALBEF/BLIP retrieval eval file (`coco_karpathy_test.json`, `flickr30k_test.json`).
 
         Schema: a JSON list of `{"image": path relative to image_root, "caption": [str, ...]}` (COCO has
-        5-7 captions per image; all are kept, as ALBEF does). Images are resized to image_size x
-        image_size. Every record is validated before any image is decoded, so a broken file fails fast,
-        naming the record index and the fix.
+        5-7 captions per image; all are kept, as ALBEF does), parsed by `read_caption_file` (so COCO
+        `captions_*.json` with `file_name`s works too; records of one image are merged). Images are
+        resized to image_size x image_size. Every record is validated before any image is decoded, so a
+        broken file fails fast, naming the record index and the fix.
         """
         file = Path(path)
         root = Path(image_root)
-        if not file.is_file():
-            raise FileNotFoundError(f"retrieval annotation file not found: {file}")
-        try:
-            records = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{file} is not valid JSON ({exc}); expected a list of {{'image', 'caption'}} records") from exc
-        if not isinstance(records, list) or not records:
-            raise ValueError(f"{file} must hold a non-empty JSON list of {{'image': path, 'caption': [str, ...]}} records")
-
+        entries = read_caption_file(file, require_image=True)
         image_paths: list[Path] = []
-        per_image: list[list[str]] = []
-        for index, record in enumerate(records):
-            where = f"{file} record {index}"
-            if not isinstance(record, dict) or "image" not in record or "caption" not in record:
-                raise ValueError(f"{where} must be an object with 'image' and 'caption' keys, got {record!r:.200}")
-            caps = record["caption"]
-            if isinstance(caps, str):
-                caps = [caps]
-            if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
-                raise ValueError(f"{where}: 'caption' must be a list of strings, got {caps!r:.200}")
-            if not caps:
-                raise ValueError(f"{where} ({record['image']}) has an empty caption list; add captions or remove the record")
-            image_path = root / str(record["image"])
+        per_image: list[tuple[str, ...]] = []
+        for entry in entries:
+            image_path = root / str(entry.image)
             if not image_path.is_file():
                 raise FileNotFoundError(
-                    f"{where}: image not found: {image_path}; check image_root ({root}) or remove the record"
+                    f"{file} record {entry.record}: image not found: {image_path}; check image_root ({root}) or "
+                    f"remove the record"
                 )
             image_paths.append(image_path)
-            per_image.append(caps)
+            per_image.append(entry.captions)
 
         loaded: list[Tensor] = []
-        for index, image_path in enumerate(image_paths):
+        for entry, image_path in zip(entries, image_paths):
             try:
                 loaded.append(load_image(image_path, image_size))
             except ValueError as exc:
-                raise ValueError(f"{file} record {index}: {exc}") from exc
+                raise ValueError(f"{file} record {entry.record}: {exc}") from exc
         images = torch.stack(loaded)
         captions = [c for caps in per_image for c in caps]
         input_ids, attention_mask = tokenizer.encode(captions, max_len, max_words=max_words)
@@ -376,4 +601,5 @@ class RetrievalSet:
         )
 
 
-__all__ = ["PairDataset", "collate", "RetrievalSet"]
+__all__ = ["CaptionEntry", "CaptionRows", "ImageCaptionDataset", "PairDataset", "RetrievalSet", "collate",
+           "read_caption_file"]

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from vlp.data.lexicon import CLASSES, COLOURS
+from vlp.data.records import VE_LABELS
 
 if TYPE_CHECKING:  # imported for annotations only: world.py imports this module
     from vlp.data.world import Scene, WorldSample
@@ -415,6 +416,109 @@ def render_grid(
                 draw.rectangle(rectangle, outline=(255, 0, 255), width=1)
                 draw.text((rectangle[0] + 1, rectangle[1] + 1), obj.class_name, fill=(255, 0, 255), font=font)
         text_y = origin_y + shown_size + GRID_PAD
+        for line, colour in all_lines[k]:
+            draw.text((origin_x, text_y), line, fill=colour, font=font)
+            text_y += line_height
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, format="PNG")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Task browsing grid (world.md "Browsing": samples with their task labels)
+# ---------------------------------------------------------------------------------------------
+
+TASK_TARGET_RGB = (0, 200, 0)
+TASK_DISTRACTOR_RGB = (230, 0, 0)
+TASK_PROPOSAL_RGB = (0, 150, 255)
+_VE_LABEL_RGB = {"entailment": (0, 130, 0), "neutral": (90, 90, 90), "contradiction": (190, 0, 0)}
+
+
+def _dashed_rectangle(draw: ImageDraw.ImageDraw, box: Sequence[float], fill: tuple[int, int, int], dash: int = 3) -> None:
+    """A one-pixel rectangle outline drawn as dashes of `dash` pixels (Pillow has no dashed lines)."""
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    for start, end, fixed, horizontal in ((x1, x2, y1, True), (x1, x2, y2, True), (y1, y2, x1, False), (y1, y2, x2, False)):
+        for a in range(start, end + 1, 2 * dash):
+            b = min(a + dash - 1, end)
+            draw.line([(a, fixed), (b, fixed)] if horizontal else [(fixed, a), (fixed, b)], fill=fill, width=1)
+
+
+def render_task_grid(task: str, records: Sequence, images, path: str | Path, cols: int = 4, scale: int = 3) -> Path:
+    """Write a PNG grid of downstream-task records of the world with their labels (world.md "Browsing").
+
+    `records` are `vlp.data.records` records of one task ("ve", "rec", "vqa", "nlvr2"); `images` an
+    `ImageSource` resolving their image ids. Each cell shows the image (NLVR2: left and right side by
+    side) upscaled by `scale`, then the text and label: VE hypothesis + label (green entailment, grey
+    neutral, red contradiction); REC expression, the target box in green, the other candidate boxes in
+    red and the proposals dashed in blue; VQA question, majority answer and the ten answers counted;
+    NLVR2 statement + True/False. Returns the path written.
+    """
+    if task not in ("ve", "rec", "vqa", "nlvr2"):
+        raise ValueError(f"unknown task {task!r}; expected one of ('ve', 'rec', 'vqa', 'nlvr2')")
+    if not records:
+        raise ValueError("render_task_grid needs at least one record")
+    if cols < 1 or scale < 1:
+        raise ValueError(f"cols and scale must be >= 1, got cols={cols}, scale={scale}")
+    font = ImageFont.load_default()
+    left, top, right, bottom = font.getbbox("Ag")
+    line_height = int(bottom) + 2
+    char_width = max(1.0, font.getlength("abcdefghijklmnopqrstuvwxyz") / 26.0)
+    black = (0, 0, 0)
+
+    def pictures(record) -> list[Image.Image]:
+        ids = [record.left_image_id, record.right_image_id] if task == "nlvr2" else [record.image_id]
+        return [images.load(i) for i in ids]
+
+    loaded = [pictures(r) for r in records]
+    image_size = loaded[0][0].size[0]
+    shown = image_size * scale
+    picture_width = len(loaded[0]) * shown + (len(loaded[0]) - 1) * GRID_PAD
+    cell_width = max(picture_width, GRID_MIN_CELL_WIDTH) + 2 * GRID_PAD
+    wrap_chars = max(8, int((cell_width - 2 * GRID_PAD) / char_width))
+
+    def cell_lines(record) -> list[tuple[str, tuple[int, int, int]]]:
+        if task == "ve":
+            text, label = record.hypothesis, VE_LABELS[record.label]
+            tail = [(f"label: {label}", _VE_LABEL_RGB[label])]
+        elif task == "rec":
+            text = record.expression
+            tail = [(f"{len(record.candidates)} objects, {len(record.proposals)} proposals", (90, 90, 90))]
+        elif task == "vqa":
+            counts: dict[str, int] = {}
+            for answer in record.answers:
+                counts[answer] = counts.get(answer, 0) + 1
+            ranked = sorted(counts.items(), key=lambda item: -item[1])
+            text = "Q: " + record.question
+            tail = [(f"A: {ranked[0][0]} ({record.answer_type})", (0, 0, 160))]
+            tail += [(line, (90, 90, 90)) for line in textwrap.wrap(", ".join(f"{a} x{n}" for a, n in ranked), wrap_chars)]
+        else:
+            text = record.statement
+            tail = [(f"label: {record.label}", (0, 130, 0) if record.label else (190, 0, 0))]
+        return [(line, black) for line in textwrap.wrap(text, wrap_chars)] + tail
+
+    all_lines = [cell_lines(r) for r in records]
+    cell_height = GRID_PAD + shown + GRID_PAD + line_height * max(len(lines) for lines in all_lines) + GRID_PAD
+    columns = min(cols, len(records))
+    rows = math.ceil(len(records) / columns)
+    sheet = Image.new("RGB", (columns * cell_width, rows * cell_height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for k, record in enumerate(records):
+        origin_x = (k % columns) * cell_width + GRID_PAD
+        origin_y = (k // columns) * cell_height + GRID_PAD
+        for j, picture in enumerate(loaded[k]):
+            sheet.paste(picture.resize((shown, shown), Image.Resampling.NEAREST), (origin_x + j * (shown + GRID_PAD), origin_y))
+        if task == "rec":
+            def to_pixels(box: Sequence[float]) -> list[float]:
+                return [origin_x + box[0] * shown, origin_y + box[1] * shown, origin_x + box[2] * shown - 1, origin_y + box[3] * shown - 1]
+
+            for proposal in record.proposals:
+                _dashed_rectangle(draw, to_pixels(proposal), TASK_PROPOSAL_RGB)
+            for index, box in enumerate(record.candidates):
+                if index != record.target_index:
+                    draw.rectangle(to_pixels(box), outline=TASK_DISTRACTOR_RGB, width=1)
+            draw.rectangle(to_pixels(record.target_box), outline=TASK_TARGET_RGB, width=2)
+        text_y = origin_y + shown + GRID_PAD
         for line, colour in all_lines[k]:
             draw.text((origin_x, text_y), line, fill=colour, font=font)
             text_y += line_height

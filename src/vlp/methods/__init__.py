@@ -8,7 +8,7 @@ import `vlp.data`, so the caller passes them (CMAL's anchor lexicon needs them; 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from torch import nn
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,8 @@ from vlp.models.losses import (
 )
 from vlp.models.model import VLModel
 from vlp.models.rng import sample_uniforms
-from vlp.types import Batch
+from vlp.models.roi import region_features
+from vlp.types import Batch, PairOutput
 
 SALT_MLM = 0x4D4C4D  # "MLM": token masking draws
 SALT_ITM = 0x49544D  # "ITM": hard-negative draws
@@ -126,6 +127,28 @@ class Albef(nn.Module):
         `class_words` (the object lexicon) is accepted for a uniform builder signature; ALBEF has no use for it."""
         return cls(model, cfg.method, mask_id=tokenizer.mask_id, special_ids=tokenizer.special_ids,
                    vocab_size=tokenizer.vocab_size)
+
+    # ------------------------------------------------------------------------------------ downstream
+    @property
+    def pair_dims(self) -> tuple[int, int]:
+        """(D, Dr): width of `encode_pair`'s cls and of its region vectors (the ViT width)."""
+        return int(self.model.cfg.text.width), int(self.model.cfg.vision.width)
+
+    def encode_pair(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                    region_boxes: Optional[Tensor] = None, region_mask: Optional[Tensor] = None) -> PairOutput:
+        """Downstream encoding of (image, text) pairs: the fused [CLS] (B, D) of text cross-attending to the
+        image tokens (the ITM pass of pre-training, ALBEF's fine-tuning input) and, when boxes (B, N, 4|7)
+        are given, RoIAlign features (B, N, Dv) of the ViT grid at them (for REC; ALBEF itself grounds by
+        Grad-CAM, which has no trainable head — see `vlp.tasks.rec`)."""
+        image = self.model.encode_image(images)
+        text = self.model.encode_text(input_ids, attention_mask)
+        cls = self.model.fuse(text, attention_mask, image.tokens).cls
+        if region_boxes is None:
+            return PairOutput(cls)
+        regions = region_features(image.grid, region_boxes[..., :4].float())
+        mask = (torch.ones(regions.shape[:2], dtype=torch.bool, device=regions.device) if region_mask is None
+                else region_mask.bool())
+        return PairOutput(cls, regions, mask)
 
     @property
     def has_queue(self) -> bool:

@@ -30,10 +30,24 @@ ITM: 50 % of rows get another image's regions, 2-way CE on the fused [CLS]; UNIT
 (quirk 6, reproduced: we have none); task sampling ITM:AMC:WRC = 1:3:2; τ init 0.07, clamped.
 
 Where we deviate or choose (each also a config flag where both behaviours matter):
-  * Region inputs: RoIAlign features of the world's ground-truth boxes on our own ViT patch grid
-    (§11.1) instead of frozen BUTD Faster R-CNN features; labels are the world's classes (no argmax, so
-    quirk 1 — the dropped last class — does not arise). `whole_image_region` prepends a [0,0,1,1]
-    region with label 0 (our addition). `max_regions` keeps the first N boxes.
+  * Region inputs (§3.1, §11.1), chosen per batch by what it carries (`Cmal.regions`):
+      - `batch.region_feats` (precomputed BUTD / UNITER detector features, `data.source: regions`, read
+        by `vlp.data.regions`): used as is, no RoIAlign, as the reference code does. The region
+        embedding's input dim is `method.region_feat_dim` (BUTD: 2048), a config field so the model is
+        built before data is read and checkpoints rebuild exactly. Labels come from the soft_labels
+        with quirk 1 FIXED by default (`argmax(p[:, 1:])`; `data.region_labels_faithful: true`
+        reproduces `argmax(p[:, 1:-1])`; see `vlp.data.regions.soft_labels_to_classes`).
+      - images + `region_boxes` (the world): RoIAlign features of the ground-truth boxes on our own ViT
+        patch grid (§11.1); labels are the world's classes (no argmax, so quirk 1 does not arise).
+      - images without boxes (`data.source: karpathy`): a `method.grid_regions` x `grid_regions` grid of
+        cells as regions (§11.1 "fixed grid cells"), RoI-pooled the same way, labels 0.
+    Without labels (grid cells, features without soft_labels, boxes without labels) nothing can be an
+    anchor: CMAL warns ONCE per cause (`warnings.warn`), `anchor_rate` is logged as 0, AMC reduces to
+    MLM on the text (no swaps; label-0 regions have no class target) and WRC to 0 (no pairs) — finite,
+    never NaN, never a silent wrong number (§11.1: "raise a clear warning/counter, never a silent zero").
+    `whole_image_region` prepends a [0,0,1,1] region with label 0 (our addition; with precomputed
+    features its feature is the mean of the real regions'). `max_regions` keeps the first N regions
+    (BUTD dumps are sorted by confidence).
   * Quirk 4 (scale mismatch: raw word embedding swapped with a LayerNormed region vector):
     `umse_norm: sphere` (default, FIX) maps both e^w and e^v onto the sphere of radius sqrt(d)
     (x * sqrt(d) / ||x||: the norm a LayerNorm output has before its affine), so swapped vectors are
@@ -87,6 +101,7 @@ from vlp.models.anchors import (
     boxes_to_7d,
     build_lexicon,
     detect_anchors,
+    grid_cell_boxes,
     sample_partner,
     sample_uniform_index,
 )
@@ -95,7 +110,7 @@ from vlp.models.losses import IGNORE_INDEX, itm_loss, mask_tokens, mlm_loss
 from vlp.models.model import VLModel
 from vlp.models.roi import region_features
 from vlp.models.rng import keyed_uniform, sample_uniforms
-from vlp.types import Batch
+from vlp.types import Batch, PairOutput
 
 SALT_PARTNER = 0x434D50  # "CMP": partner choice per token
 SALT_TEXT = 0x434D54  # "CMT": MLM draws per token (select, 80/10/10, random id)
@@ -450,6 +465,10 @@ class Cmal(nn.Module):
             raise ValueError(f"method.wrc_temperature must be in [{TAU_MIN}, {TAU_MAX}], got {cfg.wrc_temperature}")
         if cfg.max_regions < 1:
             raise ValueError(f"method.max_regions must be >= 1, got {cfg.max_regions}")
+        if cfg.region_feat_dim < 0:
+            raise ValueError(f"method.region_feat_dim must be >= 0 (0 = the ViT width), got {cfg.region_feat_dim}")
+        if cfg.grid_regions < 1:
+            raise ValueError(f"method.grid_regions must be >= 1 (a g x g grid of cells), got {cfg.grid_regions}")
         if lexicon.unmapped:
             warnings.warn(
                 f"CMAL lexicon: {len(lexicon.unmapped)} of {lexicon.num_classes} classes have no whole-word token "
@@ -465,7 +484,8 @@ class Cmal(nn.Module):
         self.register_buffer("special_ids", torch.tensor(sorted(int(i) for i in special_ids), dtype=torch.long),
                              persistent=False)
         self.register_buffer("class_token", lexicon.class_token.clone(), persistent=False)
-        self.region_embed = RegionEmbedding(mcfg.vision.width, width, mcfg.fusion.dropout, mcfg.init_std)
+        self.region_feat_dim = cfg.region_feat_dim or mcfg.vision.width  # D of region_feats (or the ViT grid)
+        self.region_embed = RegionEmbedding(self.region_feat_dim, width, mcfg.fusion.dropout, mcfg.init_std)
         self.region_head = RegionClassifier(width, lexicon.num_classes + 1, mcfg.init_std)
         self.region_blocks = nn.ModuleList(
             Block(width, mcfg.fusion.heads, mcfg.fusion.mlp_ratio, norm="post", dropout=mcfg.fusion.dropout)
@@ -478,6 +498,7 @@ class Cmal(nn.Module):
                     nn.init.zeros_(module.bias)
         self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.wrc_temperature)))
         self.register_buffer("task_step", torch.zeros((), dtype=torch.long))
+        self._warned: set[str] = set()  # no-anchor causes already warned about (once each)
 
     @classmethod
     def from_config(
@@ -517,32 +538,116 @@ class Cmal(nn.Module):
 
     # ------------------------------------------------------------------------------ inputs
     def regions(self, batch: Batch) -> RegionInputs:
-        """RoIAlign features of the batch's boxes on the ViT grid (+ optional whole-image region)."""
+        """The batch's regions, by what it carries (module docstring "Region inputs"; cmal.md §3.1, §11.1):
+
+          region_feats + region_boxes     precomputed detector features, used as is   (`feature_inputs`)
+          images + region_boxes           RoIAlign on the ViT grid at the boxes        (`region_inputs`)
+          images, no region_boxes         grid_regions^2 grid cells, labels 0          (`region_inputs`)
+        Label-less inputs (grid cells, features without soft_labels, boxes without labels) cannot form
+        anchors: warned once per cause (`_warn_no_anchors`); the losses stay finite.
+        """
+        if batch.region_feats is not None:
+            if batch.region_boxes is None:
+                raise ValueError("CMAL got batch.region_feats without batch.region_boxes: every precomputed region "
+                                 "needs its normalised box")
+            if batch.region_labels is None:
+                self._warn_no_anchors("the precomputed region features carry no soft_labels (every region label is 0)")
+            return self.feature_inputs(batch.region_feats, batch.region_boxes, batch.region_labels, batch.region_mask)
         if batch.images is None:
-            raise ValueError("CMAL needs images in the batch (region features are pooled from the ViT grid)")
-        if batch.region_boxes is None or batch.region_labels is None:
-            raise ValueError("CMAL needs batch.region_boxes and batch.region_labels (object boxes and class id + 1)")
+            raise ValueError("CMAL needs images in the batch (region features are pooled from the ViT grid) or "
+                             "precomputed batch.region_feats")
+        if batch.region_boxes is None:
+            g = self.cfg.grid_regions
+            self._warn_no_anchors(f"the batch has images but no region boxes, so CMAL uses a {g}x{g} grid of cells "
+                                  f"as regions (method.grid_regions), all labelled 0")
+            cells = grid_cell_boxes(g, device=batch.images.device)
+            return self.region_inputs(batch.images, cells.expand(len(batch), -1, -1))
+        if batch.region_labels is None:
+            self._warn_no_anchors("the batch has region boxes but no region labels (every region label is 0)")
         return self.region_inputs(batch.images, batch.region_boxes, batch.region_labels, batch.region_mask)
+
+    def _warn_no_anchors(self, cause: str) -> None:
+        """Warn ONCE per cause (per method instance) that the inputs cannot form anchors (§11.1)."""
+        if cause in self._warned:
+            return
+        self._warned.add(cause)
+        warnings.warn(
+            f"CMAL: {cause}, so there are NO anchor points (no region names an object class): AMC reduces to "
+            f"masked-token prediction without swaps (plain MLM on the text; label-0 regions have no class target) "
+            f"and WRC has no word-region pairs (its loss is 0); anchor_rate is logged as 0. To train CMAL's "
+            f"associative tasks, provide region boxes with class labels, or precomputed detector features with "
+            f"soft_labels plus data.class_vocab (the detector's objects_vocab.txt).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def _layout(self, boxes: Tensor, labels: Optional[Tensor], mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """The first `max_regions` regions: boxes (B,n,4|7) float, labels (B,n) long (None -> 0), mask (B,n)."""
+        n = self.cfg.max_regions
+        boxes = boxes[:, :n].float()
+        labels = (torch.zeros(boxes.shape[:2], dtype=torch.long, device=boxes.device) if labels is None
+                  else labels[:, :n].long())
+        mask = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask[:, :n].bool()
+        return boxes, labels, mask
+
+    def _prepend_whole(self, boxes: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`whole_image_region`: a [0,0,1,1] (+ w, h, wh) region with label 0 in front (our addition)."""
+        B = boxes.shape[0]
+        whole = boxes.new_tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0][: boxes.shape[-1]])  # xyxy (+ w, h, wh)
+        return (torch.cat([whole.expand(B, 1, -1), boxes], dim=1), torch.cat([labels.new_zeros(B, 1), labels], dim=1),
+                torch.cat([mask.new_ones(B, 1), mask], dim=1))
 
     def region_inputs(self, images: Tensor, region_boxes: Tensor, region_labels: Optional[Tensor] = None,
                       region_mask: Optional[Tensor] = None) -> RegionInputs:
-        """`regions` from raw tensors: images (B,3,H,W), boxes (B,N,4) xyxy, labels (B,N) or None (all 0:
-        ITM does not use labels), mask (B,N) bool or None (all real)."""
-        n = self.cfg.max_regions
-        boxes = region_boxes[:, :n].float()
-        labels = (torch.zeros(boxes.shape[:2], dtype=torch.long, device=boxes.device) if region_labels is None
-                  else region_labels[:, :n].long())
-        mask = (torch.ones_like(labels, dtype=torch.bool) if region_mask is None
-                else region_mask[:, :n].bool())
+        """`regions` from raw tensors: images (B,3,H,W), boxes (B,N,4|7) normalised xyxy, labels (B,N) or None
+        (all 0: ITM does not use labels), mask (B,N) bool or None (all real) -> RoIAlign features of the
+        boxes on the ViT grid (B,N',Dv), N' = min(N, max_regions) (+1 with `whole_image_region`)."""
+        width = self.model.cfg.vision.width
+        if self.region_feat_dim != width:
+            raise ValueError(
+                f"method.region_feat_dim={self.region_feat_dim}, but these regions are RoI-pooled from the ViT grid "
+                f"(width {width}): set method.region_feat_dim: 0 for image inputs, or feed precomputed "
+                f"batch.region_feats of dim {self.region_feat_dim}"
+            )
+        boxes, labels, mask = self._layout(region_boxes, region_labels, region_mask)
         if self.cfg.whole_image_region:
-            B = boxes.shape[0]
-            whole = boxes.new_tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0][: boxes.shape[-1]])  # xyxy (+ w, h, wh)
-            boxes = torch.cat([whole.expand(B, 1, -1), boxes], dim=1)
-            labels = torch.cat([labels.new_zeros(B, 1), labels], dim=1)
-            mask = torch.cat([mask.new_ones(B, 1), mask], dim=1)
+            boxes, labels, mask = self._prepend_whole(boxes, labels, mask)
         labels = torch.where(mask, labels, torch.zeros_like(labels))
         grid = self.model.encode_image(images).grid
         feats = region_features(grid, boxes[..., :4])
+        return RegionInputs(feats, boxes_to_7d(boxes), labels, mask)
+
+    def feature_inputs(self, region_feats: Tensor, region_boxes: Tensor, region_labels: Optional[Tensor] = None,
+                       region_mask: Optional[Tensor] = None) -> RegionInputs:
+        """Precomputed detector features (cmal.md §3.1, UNITER's BUTD inputs) used as is, no RoIAlign.
+
+        Args:
+            region_feats: (B, N, D) float, D = `method.region_feat_dim` (ValueError naming it otherwise).
+            region_boxes: (B, N, 4 | 7) normalised x1, y1, x2, y2 [, w, h, w*h].
+            region_labels: (B, N) long class id + 1, or None (all 0: no anchors).
+            region_mask: (B, N) bool real regions, or None (all real).
+
+        Returns:
+            RegionInputs with the first `max_regions` regions; with `whole_image_region` a [0,0,1,1] region
+            (label 0) first whose feature is the mean of the sample's real region features (our addition).
+        """
+        dim = int(region_feats.shape[-1])
+        if dim != self.region_feat_dim:
+            raise ValueError(
+                f"batch.region_feats have dim {dim} but CMAL's region embedding takes {self.region_feat_dim} "
+                f"(method.region_feat_dim; 0 = the ViT width): set method.region_feat_dim: {dim}"
+            )
+        if region_feats.shape[:2] != region_boxes.shape[:2]:
+            raise ValueError(f"region_feats {tuple(region_feats.shape)} and region_boxes {tuple(region_boxes.shape)} "
+                             f"must share (B, N)")
+        boxes, labels, mask = self._layout(region_boxes, region_labels, region_mask)
+        feats = region_feats[:, : self.cfg.max_regions].float()
+        if self.cfg.whole_image_region:
+            weight = mask.to(feats.dtype)[:, :, None]
+            mean = (feats * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp_min(1.0)
+            feats = torch.cat([mean, feats], dim=1)
+            boxes, labels, mask = self._prepend_whole(boxes, labels, mask)
+        labels = torch.where(mask, labels, torch.zeros_like(labels))
         return RegionInputs(feats, boxes_to_7d(boxes), labels, mask)
 
     def _norm(self, x: Tensor) -> Tensor:
@@ -657,6 +762,37 @@ class Cmal(nn.Module):
         labels = (~negative).long()
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         return itm_loss(logits, labels), accuracy.detach()
+
+    # ------------------------------------------------------------------------------ downstream
+    needs_regions = True  # single stream: regions are part of the input of every downstream pass
+
+    @property
+    def pair_dims(self) -> tuple[int, int]:
+        """(D, Dr) of `encode_pair`: both the unified encoder's width."""
+        width = int(self.model.cfg.text.width)
+        return width, width
+
+    def encode_pair(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                    region_boxes: Optional[Tensor] = None, region_mask: Optional[Tensor] = None) -> PairOutput:
+        """Downstream encoding (UNITER / CMAL fine-tuning, cmal.md §9): the clean [text ; regions] sequence
+        through the unified encoder, as in the ITM task (no masking, no swap).
+
+        cls = the output at [CLS] (B, D); regions = the outputs at the region slots (B, N, D), conditioned
+        on the text by self-attention (UNITER's REC head scores these). Regions are the given boxes (REC
+        candidates, or an image's object boxes) or, without boxes, `grid_regions`² grid cells. The
+        `whole_image_region` slot, when configured, is encoded but not returned, so `regions[:, i]` is box i.
+        """
+        if region_boxes is None:
+            region_boxes = grid_cell_boxes(self.cfg.grid_regions, device=images.device).expand(images.shape[0], -1, -1)
+            region_mask = None
+        if region_boxes.shape[1] > self.cfg.max_regions:
+            raise ValueError(f"{region_boxes.shape[1]} regions per image exceed method.max_regions="
+                             f"{self.cfg.max_regions}: raise it (e.g. --set method.max_regions=N) to encode them all")
+        regions = self.region_inputs(images, region_boxes, None, region_mask)
+        txt_h, reg_h = self._encode(self._word_vectors(input_ids, attention_mask), self._region_vectors(regions),
+                                    regions.boxes, attention_mask, regions.mask)
+        skip = 1 if self.cfg.whole_image_region else 0
+        return PairOutput(txt_h[:, 0], reg_h[:, skip:], regions.mask[:, skip:])
 
     # ------------------------------------------------------------------------------ retrieval
     def encode_regions(self, images: Tensor, region_boxes: Tensor,

@@ -13,6 +13,7 @@ task can use them), so they live in `models/` (torch only; the tokenizer is duck
   "count and report the anchor rate" — a vocabulary that splits class words silently kills anchors).
 * `boxes_to_7d`, `RegionEmbedding`: UNITER/CMAL region inputs `LN(W_v v)` and `LN(W_p b)` with the
   7-d box `[x1, y1, x2, y2, w, h, w*h]` (§3.1, §4, §11.4).
+* `grid_cell_boxes(g)`: a g x g grid of cells as "regions" for images without boxes (§11.1).
 
 Region labels follow `vlp.types.Batch`: class id + 1, 0 = background / unknown / padding.
 """
@@ -276,6 +277,20 @@ def boxes_to_7d(boxes: Tensor) -> Tensor:
     return torch.stack([x1, y1, x2, y2, w, h, w * h], dim=-1)
 
 
+def grid_cell_boxes(g: int, device: torch.device | str | None = None) -> Tensor:
+    """(g*g, 4) normalised x1, y1, x2, y2 boxes of a g x g grid of cells, row-major from the top-left.
+
+    cmal.md §11.1: "for user data without boxes: fixed grid cells as regions". Cell (r, c) is row r*g + c
+    with box [c/g, r/g, (c+1)/g, (r+1)/g]; the cells tile [0, 1]^2 exactly.
+    """
+    if g < 1:
+        raise ValueError(f"a grid of cells needs g >= 1, got {g}")
+    edges = torch.linspace(0.0, 1.0, g + 1, device=device)
+    y1, x1 = torch.meshgrid(edges[:-1], edges[:-1], indexing="ij")
+    y2, x2 = torch.meshgrid(edges[1:], edges[1:], indexing="ij")
+    return torch.stack([x1, y1, x2, y2], dim=-1).reshape(g * g, 4)
+
+
 class RegionEmbedding(nn.Module):
     """UNITER/CMAL region input (cmal.md §4, §11.4), split at the point where CMAL swaps features.
 
@@ -322,6 +337,7 @@ __all__ = [
     "boxes_to_7d",
     "build_lexicon",
     "detect_anchors",
+    "grid_cell_boxes",
     "morphology_variants",
     "sample_partner",
     "sample_uniform_index",

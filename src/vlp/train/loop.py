@@ -390,7 +390,10 @@ class Trainer:
                 wait_start = time.perf_counter()
                 batch = next(batches)
                 data_wait += time.perf_counter() - wait_start
-                batch.sample_keys = self.sampler.rank_rows(step).keys
+                keys = self.sampler.rank_rows(step).keys
+                if len(batch) != len(keys) and len(batch) % len(keys) == 0:  # items of several rows (NLVR2 pairs)
+                    keys = keys.repeat_interleave(len(batch) // len(keys))
+                batch.sample_keys = keys
                 out, lr = self._train_step(batch)
                 self.step = step + 1
                 window.append(out)
