@@ -5,9 +5,33 @@ precedence over these (pytest fixture overriding).
 """
 
 import pytest
+import torch
 
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.world import World
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core box run much faster single-threaded: a module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`; the thread count is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_albef(tok, image_size: int = 32):
+    """A one-layer-per-tower ALBEF method (seeded) for downstream-task tests."""
+    from vlp.config import build_config
+    from vlp.methods import build_method
+    from vlp.models.model import VLModel
+
+    cfg = build_config({"model": "tiny", "method": {"name": "albef"}},
+                       [f"model.vision.image_size={image_size}", "model.vision.depth=1", "model.text.depth=1",
+                        "model.fusion.depth=1"])
+    torch.manual_seed(0)
+    return build_method(cfg, VLModel(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id), tok)
 
 
 @pytest.fixture(scope="session")

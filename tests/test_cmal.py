@@ -44,13 +44,7 @@ WORLD_CLASS_WORDS = [class_words(k) for k in range(len(CLASSES))]
 CIRCLE, STAR, CAR = 0, 3, 15  # world class ids
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on a shared 2-core box run ~20x faster single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ from vlp.tasks.retrieval import evaluate_retrieval_itm_all
 WORLD_CLASS_WORDS = [class_words(k) for k in range(len(CLASSES))]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ fake scorer

@@ -36,13 +36,7 @@ KEY_STRIDE = 1 << 40  # the trainer's per-seed key stride (vlp.train.sampler), r
 CASES = [(0, 0, 0), (0, 0, 2), (3, 3, 1), (2, 2, 2), (5, 1, 0)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on a shared 2-core box run much faster single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

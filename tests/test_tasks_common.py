@@ -13,6 +13,7 @@ from vlp.methods import build_method
 from vlp.models.model import VLModel
 from vlp.tasks.common import predictions, task_collate
 from vlp.tasks.ve import VEDataset, VETask, ve_metrics
+from conftest import tiny_albef
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
 
@@ -46,12 +47,6 @@ def tok():
     return TextTokenizer.from_vocab([*SPECIAL_TOKENS, "the", "picture", "is", "red", "blue"])
 
 
-def _albef(tok):
-    cfg = build_config({"model": "tiny", "method": {"name": "albef"}},
-                       ["model.vision.image_size=32", "model.vision.depth=1", "model.text.depth=1",
-                        "model.fusion.depth=1"])
-    torch.manual_seed(0)
-    return build_method(cfg, VLModel(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id), tok)
 
 
 def test_task_collate_fields_and_regions(tok):
@@ -77,7 +72,7 @@ def test_bad_records_and_empty_dataset(tok):
 def test_ve_learns_colour_entailment(tok):
     """8 examples, 80 steps of fine-tuning: train loss falls and the head fits them (above the 50 % of
     always answering one class)."""
-    task = VETask(_albef(tok), dropout=0.0)
+    task = VETask(tiny_albef(tok), dropout=0.0)
     data = VEDataset(_records(8), ColourImages(), tok, max_len=8)
     batch = task_collate([data[i] for i in range(8)])
     opt = torch.optim.AdamW(task.parameters(), lr=1e-3)

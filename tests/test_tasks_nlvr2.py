@@ -16,6 +16,7 @@ from vlp.methods import build_method
 from vlp.models.model import VLModel
 from vlp.tasks.common import predictions, task_collate
 from vlp.tasks.nlvr2 import NLVR2Dataset, NLVR2Task, nlvr2_metrics
+from conftest import tiny_albef
 
 SIZE = 32
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
@@ -53,12 +54,6 @@ def tok():
     return TextTokenizer.from_vocab([*SPECIAL_TOKENS, "the", "left", "right", "image", "is", "red", "blue"])
 
 
-def _albef(tok):
-    cfg = build_config({"model": "tiny", "method": {"name": "albef"}},
-                       ["model.vision.image_size=32", "model.vision.depth=1", "model.text.depth=1",
-                        "model.fusion.depth=1"])
-    torch.manual_seed(0)
-    return build_method(cfg, VLModel(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id), tok)
 
 
 def _is_red(image: torch.Tensor) -> bool:
@@ -92,7 +87,7 @@ def test_pair_items_and_rows(tok):
 
 def test_pair_order_is_checked(tok):
     data = NLVR2Dataset(_records()[:4], SquareImages(), tok, max_len=10)
-    task = NLVR2Task(_albef(tok), dropout=0.0)
+    task = NLVR2Task(tiny_albef(tok), dropout=0.0)
     good = task_collate([data[0], data[1]])
     assert task(good)["loss"].isfinite() and task.predict(good).shape == (2,)
     halves = [sub for i in (0, 1) for sub in data[i]["pair"]]
@@ -131,7 +126,7 @@ def test_nlvr2_learns_which_side_is_named(tok):
     near 0.35 (the side-blind 75 %) over steps ~20-40, then 0.19 at step 50 and 0.002 at step 60;
     accuracy 100 %."""
     recs = _records()
-    task = NLVR2Task(_albef(tok), dropout=0.0)
+    task = NLVR2Task(tiny_albef(tok), dropout=0.0)
     data = NLVR2Dataset(recs, SquareImages(), tok, max_len=10)
     batch = task_collate([data[i] for i in range(len(data))])
     opt = torch.optim.AdamW(task.parameters(), lr=5e-4)

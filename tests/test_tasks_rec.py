@@ -17,6 +17,7 @@ from vlp.models.model import VLModel
 from vlp.tasks.common import predictions, task_collate
 from vlp.tasks.rec import RECDataset, RECTask, box_iou, rec_loss, rec_metrics, region_targets
 from vlp.types import PairOutput
+from conftest import tiny_albef
 
 SIZE = 32
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
@@ -87,12 +88,6 @@ def tok():
     return TextTokenizer.from_vocab([*SPECIAL_TOKENS, "the", "red", "blue", "green", "square"])
 
 
-def _albef(tok):
-    cfg = build_config({"model": "tiny", "method": {"name": "albef"}},
-                       ["model.vision.image_size=32", "model.vision.depth=1", "model.text.depth=1",
-                        "model.fusion.depth=1"])
-    torch.manual_seed(0)
-    return build_method(cfg, VLModel(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id), tok)
 
 
 def test_box_iou_hand_computed():
@@ -199,7 +194,7 @@ def test_forward_on_proposals(tok):
                        proposals=(_cell_box(1), _cell_box(2)))
     data = RECDataset([*_records(4), missed], SquareImages(), tok, max_len=8, boxes="proposals")
     assert data[4]["region_targets"].tolist() == [False, False]
-    task = RECTask(_albef(tok), dropout=0.0)
+    task = RECTask(tiny_albef(tok), dropout=0.0)
     out = task(task_collate([data[i] for i in range(5)]))
     assert float(out["no_target"]) == pytest.approx(0.2) and torch.isfinite(out["loss"])
     out["loss"].backward()
@@ -212,7 +207,7 @@ def test_forward_on_proposals(tok):
 
 def test_padding_never_wins(tok):
     """Padding slots get -inf, even when their vectors are the ones the head likes best."""
-    task = RECTask(_albef(tok), dropout=0.0).eval()
+    task = RECTask(tiny_albef(tok), dropout=0.0).eval()
     dim, region_dim = task.backbone.pair_dims
     torch.manual_seed(1)
     cls = torch.randn(1, dim)
@@ -243,7 +238,7 @@ def test_rec_learns_coloured_squares(tok):
     detections). Chance (a uniform pick) is 41.7 % on GT boxes and 32.5 % over the proposals.
     Measured: loss 0.91 -> 0.004; GT 100 %, proposals 83 % (66.7-83 % over steps 30-40)."""
     recs = _records(12)
-    task = RECTask(_albef(tok), dropout=0.0)
+    task = RECTask(tiny_albef(tok), dropout=0.0)
     data = RECDataset(recs, SquareImages(), tok, max_len=8)
     batch = task_collate([data[i] for i in range(len(data))])
     opt = torch.optim.AdamW(task.parameters(), lr=1e-3)

@@ -282,3 +282,14 @@ COLOUR_NAMES: tuple[str, ...] = tuple(colour.name for colour in COLOURS)
 SIZE_NAMES: tuple[str, ...] = tuple(size.name for size in SIZES)
 STYLE_NAMES: tuple[str, ...] = tuple(style.name for style in STYLES)
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {colour.name: colour.rgb for colour in COLOURS}
+
+def morphology_variants(word: str) -> set[str]:
+    """cmal.md §3.2 rules [CODE `kevin/test/get_inter_set.py`]: s, s+"s", s+"es", s minus a trailing "s",
+    s minus a trailing "es" (lower-cased; empty strings dropped)."""
+    s = word.lower()
+    out = {s, s + "s", s + "es"}
+    if s.endswith("s") and len(s) > 1:
+        out.add(s[:-1])
+    if s.endswith("es") and len(s) > 2:
+        out.add(s[:-2])
+    return out

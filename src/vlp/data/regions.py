@@ -47,6 +47,7 @@ from torch.utils.data import Dataset
 
 from vlp.config import ConfigError, RunConfig
 from vlp.data.datasets import CaptionEntry, CaptionRows, ImageCaptionDataset, collate, read_caption_file
+from vlp.data.lexicon import morphology_variants
 from vlp.data.tokenizer import (
     SPECIAL_TOKENS,
     SUBWORD_PREFIX,
@@ -457,15 +458,6 @@ class RegionCaptionDataset(Dataset):
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
-def _morphology(word: str) -> set[str]:
-    """cmal.md §3.2 plural/singular rules (same as `vlp.models.anchors.morphology_variants`; data/ may not
-    import models/)."""
-    out = {word, word + "s", word + "es"}
-    if word.endswith("s") and len(word) > 1:
-        out.add(word[:-1])
-    if word.endswith("es") and len(word) > 2:
-        out.add(word[:-2])
-    return out
 
 
 def train_caption_tokenizer(
@@ -485,7 +477,7 @@ def train_caption_tokenizer(
     class_tokens = _split_words([alias for aliases in class_words for alias in aliases], max_words=10_000)
     forced_words = set()
     for word in class_tokens:
-        forced_words |= {v for v in _morphology(word) if v == word or v in counts}
+        forced_words |= {v for v in morphology_variants(word) if v == word or v in counts}
     chars = set(string.ascii_lowercase + string.digits)
     for word in list(counts) + sorted(forced_words):
         chars.update(word)

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from vlp.data.lexicon import morphology_variants  # pure text rule, shared with vlp.data.regions
 from vlp.models.layers import BERT_LN_EPS
 
 
@@ -81,16 +82,6 @@ class LexiconTable:
         return cls(table, kept, unmapped)
 
 
-def morphology_variants(word: str) -> set[str]:
-    """cmal.md §3.2 rules [CODE `kevin/test/get_inter_set.py`]: s, s+"s", s+"es", s minus a trailing "s",
-    s minus a trailing "es" (lower-cased; empty strings dropped)."""
-    s = word.lower()
-    out = {s, s + "s", s + "es"}
-    if s.endswith("s") and len(s) > 1:
-        out.add(s[:-1])
-    if s.endswith("es") and len(s) > 2:
-        out.add(s[:-2])
-    return out
 
 
 def build_lexicon(
