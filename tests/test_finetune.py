@@ -58,3 +58,22 @@ def test_finetune_errors(tmp_path, capsys):
     assert "config.yaml" in capsys.readouterr().err
     assert main(["finetune", "ve", "--data", "easy-vqa", *TINY]) == 2
     assert "easy-vqa" in capsys.readouterr().err
+
+
+def test_finetune_retrieval_continues_the_method(tmp_path, capsys):
+    """Retrieval fine-tuning trains the method itself with its retrieval objectives only (ALBEF: no MLM,
+    hard negatives) and is scored by `vlp eval retrieval` on the saved run."""
+    out = tmp_path / "retrieval"
+    assert main(["finetune", "retrieval", "--out", str(out), *TINY, "--set", "task.train_size=40",
+                 "--set", "eval.num_images=6", "--set", "eval.k_rerank=2"]) == 0
+    metrics = json.loads((out / "eval.json").read_text())
+    assert 0.0 <= metrics["itc/img_r1"] <= 100.0 and 0.0 <= metrics["itm_all/r_mean"] <= 100.0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if "loss" in r]
+    assert trained and all("itc" in r and "itm" in r and "mlm" not in r for r in trained)  # ITC + ITM only
+    cfg = finetune_config("retrieval", overrides=["task.init=cmal_tiny"])
+    assert cfg.method.task_weights.amc == 0 and cfg.method.task_mixing == "sum"
+    assert main(["eval", "retrieval", "--checkpoint", str(out)]) == 0
+    table = capsys.readouterr().out
+    value = next(line for line in table.splitlines() if "| itc/img_r1 " in line).split("|")[2]
+    assert float(value) == pytest.approx(metrics["itc/img_r1"], abs=0.01)

@@ -43,6 +43,15 @@ from vlp.train.loop import Trainer
 
 FINETUNE_SECTIONS = ("train", "eval", "task")  # taken from the fine-tuning config; the rest from the checkpoint
 
+# Retrieval fine-tuning continues the pre-training method with only its retrieval objectives:
+#   fusion models (ALBEF §4 fine-tuning): ITC + ITM with ITC-sampled hard negatives, no MLM;
+#   single-stream models (UNITER / CMAL, no ITC): ITM only, ranked by ITM over all pairs.
+RETRIEVAL_OBJECTIVES = {
+    "albef": ["method.loss_weights.mlm=0", "method.itm_hard_negatives=true"],
+    "cmal": ["method.task_mixing=sum", "method.task_weights.itm=1", "method.task_weights.amc=0",
+             "method.task_weights.wrc=0"],
+}
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -114,8 +123,9 @@ def finetune_config(task: str | None = None, checkpoint: str | Path | None = Non
     else:
         base = load_config(ft["task"]["init"]).model_dump(mode="json")
     raw = {k: (ft[k] if k in FINETUNE_SECTIONS else v) for k, v in base.items()}
+    objective = RETRIEVAL_OBJECTIVES.get(raw["method"]["name"], []) if raw["task"]["name"] == "retrieval" else []
     # overrides may also target model / method / data (e.g. train.device, model.fusion.depth for tests)
-    return build_config(raw, overrides, source=str(config))
+    return build_config(raw, [*objective, *(overrides or [])], source=str(config))
 
 
 def _checkpoint_dir(path: str | Path) -> Path:
@@ -240,19 +250,25 @@ def finetune(task: str | None = None, checkpoint: str | Path | None = None, conf
     with launch.distributed_session(cfg.train.device):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         backbone, tokenizer = build_backbone(cfg)
-        data = task_data(cfg)
-        module = build_task(cfg, backbone, data)
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(dump_config(cfg))
             tokenizer.save(out_dir / "tokenizer.json")
         launch.barrier()
-        train_set = task_dataset(cfg, data, "train", tokenizer)
+        if cfg.task.name == "retrieval":
+            module, train_set, collate_fn, evaluate = _retrieval_parts(cfg, backbone, tokenizer, rank)
+        else:
+            data = task_data(cfg)
+            module = build_task(cfg, backbone, data)
+            train_set, collate_fn = task_dataset(cfg, data, "train", tokenizer), task_collate
+
+            def evaluate(trained: nn.Module, device: torch.device) -> dict[str, float]:
+                return evaluate_splits(trained, cfg, data, tokenizer, device)
 
         def eval_fn(trained: nn.Module, step: int) -> dict[str, float]:
-            return evaluate_splits(trained, cfg, data, tokenizer, trainer.device)
+            return evaluate(trained, trainer.device)
 
-        trainer = Trainer(cfg, module, train_set, task_collate, out_dir, eval_fn=eval_fn,
+        trainer = Trainer(cfg, module, train_set, collate_fn, out_dir, eval_fn=eval_fn,
                           tokenizer_json=str(out_dir / "tokenizer.json"))
         records = trainer.fit()
         if rank == 0:
@@ -262,6 +278,27 @@ def finetune(task: str | None = None, checkpoint: str | Path | None = None, conf
                             "train_examples": len(train_set)})
             (out_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
     return out_dir
+
+
+def _retrieval_parts(cfg: RunConfig, method: nn.Module, tokenizer: Any, rank: int) -> tuple[nn.Module, Any, Any, Any]:
+    """Retrieval fine-tuning: the method itself (with `RETRIEVAL_OBJECTIVES`) on the world's caption pairs
+    (`task.train_size` pairs, a prefix of the train split), scored like pre-training (`evaluate_method`:
+    ITC + ITM re-ranking for fusion models, ITM over all pairs for CMAL) on `eval.split`."""
+    from vlp.api import build_world, evaluate_method, retrieval_set
+    from vlp.data.datasets import PairDataset, collate
+
+    if cfg.task.data != "world":
+        raise ValueError("retrieval fine-tuning reads the world's caption pairs; for COCO/Flickr captions + images, "
+                         "continue pre-training with `vlp pretrain --set data.source=karpathy` and its retrieval losses")
+    world = build_world(cfg)
+    dataset = PairDataset(world.split("train"), tokenizer, cfg.data.max_text_len, cfg.task.train_size,
+                          max_words=cfg.data.max_text_len)
+    rset = retrieval_set(cfg, world, tokenizer) if rank == 0 else None
+
+    def evaluate(trained: nn.Module, device: torch.device) -> dict[str, float]:
+        return evaluate_method(trained, rset, cfg, device)
+
+    return method, dataset, collate, evaluate
 
 
 def evaluate_task(run: str | Path, overrides: list[str] | None = None) -> dict[str, float]:
@@ -277,10 +314,14 @@ def evaluate_task(run: str | Path, overrides: list[str] | None = None) -> dict[s
     from vlp.api import resolve_device, world_class_words
 
     method = build_method(cfg, model, tokenizer, class_words=world_class_words())
+    device = resolve_device(cfg.train.device)
+    if cfg.task.name == "retrieval":
+        load_model_weights(ckpt, method)
+        _, _, _, evaluate = _retrieval_parts(cfg, method.to(device), tokenizer, rank=0)
+        return evaluate(method, device)
     data = task_data(cfg)
     module = build_task(cfg, method, data)
     load_model_weights(ckpt, module)
-    device = resolve_device(cfg.train.device)
     module.to(device)
     return evaluate_splits(module, cfg, data, tokenizer, device)
 

@@ -25,6 +25,7 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
 
 
 DOWNSTREAM = {
+    "retrieval": "recall@1/5/10 (ITC + ITM re-ranked, or ITM over all pairs for CMAL) + hard negatives",
     "ve": "SNLI-VE accuracy",
     "rec": "REC accuracy at IoU >= 0.5, ground-truth boxes and proposals",
     "vqa": "official VQA accuracy",
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="directory for eval.json and retrieval_examples.png")
     _add_set(r)
     for task, text in DOWNSTREAM.items():
+        if task == "retrieval":  # `eval retrieval --checkpoint RUN` above scores fine-tuned retrieval runs too
+            continue
         t = esub.add_parser(task, help=f"re-score a `vlp finetune {task}` run ({text})")
         t.add_argument("--run", required=True, help="the fine-tuning run directory")
         _add_set(t)
@@ -154,7 +157,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(format_table([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"]))
         print(f"run directory: {run_dir}")
         return 0
-    if args.command == "eval" and args.task in DOWNSTREAM:
+    if args.command == "eval" and args.task != "retrieval":
         from vlp.finetune import evaluate_task
 
         metrics = evaluate_task(args.run, args.overrides)
