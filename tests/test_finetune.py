@@ -77,3 +77,31 @@ def test_finetune_retrieval_continues_the_method(tmp_path, capsys):
     table = capsys.readouterr().out
     value = next(line for line in table.splitlines() if "| itc/img_r1 " in line).split("|")[2]
     assert float(value) == pytest.approx(metrics["itc/img_r1"], abs=0.01)
+
+
+def test_finetune_ve_on_snli_ve_files_with_skip_bad(tmp_path, capsys):
+    """User SNLI-VE files: a bad record stops the run with an error naming line and file; with --skip-bad
+    it is counted (eval.json `skipped_records`) and the rest trains."""
+    from PIL import Image
+
+    root = tmp_path / "flickr"
+    root.mkdir()
+    rows = []
+    for i, (label, text) in enumerate([("entailment", "a red picture"), ("contradiction", "a blue picture"),
+                                       ("neutral", "a heavy picture"), ("entailment", "a red thing")]):
+        Image.new("RGB", (40, 40), (200, 20, 20)).save(root / f"{100 + i}.jpg")
+        rows.append({"gold_label": label, "sentence2": text, "Flickr30K_ID": str(100 + i),
+                     "pairID": f"{100 + i}.jpg#0r1", "captionID": f"{100 + i}.jpg#0"})
+    bad = dict(rows[0], gold_label="maybe", pairID="bad#1")
+    for split in ("train", "test"):
+        (tmp_path / f"snli_ve_{split}.jsonl").write_text("\n".join(json.dumps(r) for r in [*rows, bad]) + "\n")
+    files = ["--data", "files", "--set", f"task.image_root={root}", "--set", "task.eval_splits=[test]",
+             "--set", f"task.annotations.train={tmp_path / 'snli_ve_train.jsonl'}",
+             "--set", f"task.annotations.test={tmp_path / 'snli_ve_test.jsonl'}"]
+    assert main(["finetune", "ve", "--out", str(tmp_path / "a"), *TINY, *files]) == 2
+    err = capsys.readouterr().err
+    assert "snli_ve_train.jsonl line 5" in err and "maybe" in err
+    assert main(["finetune", "ve", "--out", str(tmp_path / "b"), *TINY, *files, "--skip-bad"]) == 0
+    metrics = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert metrics["skipped_records"] == 2 and metrics["train_examples"] == 4  # one bad line per file
+    assert 0.0 <= metrics["test/acc"] <= 100.0

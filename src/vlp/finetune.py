@@ -17,6 +17,7 @@ pre-training `Trainer` (AMP, accumulation, DDP, exact resume); evaluation runs o
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +192,7 @@ def read_task_files(cfg: RunConfig, splits: list[str]) -> TaskData:
         if not {"refs", "instances"} <= set(files):
             raise ValueError("RefCOCO needs task.annotations {refs: refs(unc).json, instances: instances.json}")
         return formats.read_refcoco(files["refs"], files["instances"], root, skip_bad=skip)
-    merged = TaskData(task)
+    merged = formats.FormatData(task)
     for split in splits:
         if split not in files:
             raise ValueError(f"task.annotations has no file for split '{split}' (has: {', '.join(files) or 'none'})")
@@ -205,6 +206,7 @@ def read_task_files(cfg: RunConfig, splits: list[str]) -> TaskData:
             part = reader(entry, root, split=split, skip_bad=skip)
         merged.splits[split] = part.splits.get(split, [])
         merged.images = part.images
+        merged.skipped.merge(part.skipped)
     return merged
 
 
@@ -259,6 +261,9 @@ def finetune(task: str | None = None, checkpoint: str | Path | None = None, conf
             module, train_set, collate_fn, evaluate = _retrieval_parts(cfg, backbone, tokenizer, rank)
         else:
             data = task_data(cfg)
+            skipped = getattr(data, "skipped", None)
+            if skipped:  # --skip-bad: never silent — counted in eval.json and printed with the first reasons
+                print(f"{cfg.task.name}: {skipped}", file=sys.stderr)
             module = build_task(cfg, backbone, data)
             train_set, collate_fn = task_dataset(cfg, data, "train", tokenizer), task_collate
 
@@ -276,6 +281,8 @@ def finetune(task: str | None = None, checkpoint: str | Path | None = None, conf
             metrics = {k[len("eval/"):]: v for k, v in final[-1].items() if k.startswith("eval/")} if final else {}
             metrics.update({"task": cfg.task.name, "checkpoint": cfg.task.checkpoint, "steps": cfg.train.steps,
                             "train_examples": len(train_set)})
+            if cfg.task.name != "retrieval" and getattr(data, "skipped", None) is not None:
+                metrics["skipped_records"] = data.skipped.count
             (out_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
     return out_dir
 

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--config", default=None, help="fine-tuning YAML (default: the shipped finetune_<task>)")
     f.add_argument("--data", default=None, help="world (default) | easy-vqa (vqa) | files (task.annotations)")
     f.add_argument("--out", default=None, help="shorthand for --set train.out_dir=DIR")
+    f.add_argument("--skip-bad", action="store_true",
+                   help="count and skip malformed records of user files instead of stopping at the first")
     _add_set(f)
 
     w = sub.add_parser("world", help="the embedded procedural world")
@@ -152,6 +154,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             overrides.append(f"task.data={args.data}")
         if args.out:
             overrides.append(f"train.out_dir={args.out}")
+        if args.skip_bad:
+            overrides.append("task.skip_bad=true")
         run_dir = finetune(args.task, args.checkpoint, args.config, overrides)
         metrics = json.loads((run_dir / "eval.json").read_text())
         print(format_table([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"]))
