@@ -510,3 +510,17 @@ def test_world_show_task_writes_png_for_each_task(tmp_path, capsys):
     choices = next(a.choices for a in build_parser()._subparsers._group_actions[0].choices["world"]._subparsers
                    ._group_actions[0].choices["show"]._actions if a.dest == "task")
     assert tuple(choices) == TASKS
+
+
+def test_world_images_regions_are_the_scene_objects():
+    """`WorldImages.regions` gives the object boxes / class ids + 1 of the rendered sample (CMAL's
+    downstream regions) and rejects ids the source does not serve, like `load`."""
+    world = World(seed=0, image_size=64, sizes={"val": 10})
+    images = WorldImages(world, "val")
+    boxes, labels = images.regions("val/3")
+    sample = world.split("val")[3]
+    assert boxes.shape == (len(sample.objects), 4)
+    assert np.allclose(boxes, np.asarray([o.box_norm for o in sample.objects], dtype=np.float32))
+    assert labels.tolist() == [o.class_id + 1 for o in sample.objects]
+    with pytest.raises(FileNotFoundError, match="val split has 10 images"):
+        images.regions("val/10")

@@ -191,6 +191,16 @@ class WorldImages:
             )
         return Image.fromarray(self.world.split(split)[index].image).convert("RGB")
 
+    def regions(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """The image's object boxes (N, 4) normalised xyxy float32 and class ids + 1 (N,) int64, from the scene
+        graph (no rendering): the regions single-stream methods (CMAL) take as input downstream."""
+        split, index = parse_image_id(image_id)
+        if split not in self.splits or index >= self.world.sizes[split]:
+            self.load(image_id)  # raises the same errors as loading the image would
+        objects = self.world.split(split).scene(index).objects
+        boxes = np.asarray([o.box_norm for o in objects], dtype=np.float32).reshape(-1, 4)
+        return boxes, np.asarray([int(o.class_id) + 1 for o in objects], dtype=np.int64)
+
     def __repr__(self) -> str:
         return f"WorldImages(seed={self.world.seed}, image_size={self.world.image_size}, splits={self.splits})"
 
