@@ -470,6 +470,11 @@ def test_pretrain_on_precomputed_regions_end_to_end(tmp_path):
     assert all(r["anchor_rate"] > 0.9 for r in records) and all(r["anchors_per_caption"] >= 1 for r in records)
     assert {"amc_word", "amc_region", "wrc"} <= {k for r in records for k in r}
     assert (run / "checkpoint" / "model.safetensors").is_file() and (run / "tokenizer.json").is_file()
+    # the checkpoint rebuilds with the detector's class vocabulary (region head size) and loads strictly
+    from vlp.api import load_checkpoint_method
+
+    cfg, _, method = load_checkpoint_method(run)
+    assert cfg.data.source == "regions" and method.region_head is not None
 
 
 def test_pretrain_on_images_without_boxes_uses_grid_cells(tmp_path):

@@ -65,6 +65,19 @@ def world_class_words() -> list[set[str]]:
     return [lexicon.class_words(k) for k in range(len(lexicon.CLASSES))]
 
 
+def class_words_for(cfg: RunConfig) -> list:
+    """The object-class vocabulary a run's method was built with: the world's lexicon, or the detector's
+    `data.class_vocab` (objects_vocab.txt) for precomputed regions; none for box-less user images.
+    Rebuilding a checkpoint's method needs the same list (CMAL's region head has one class per entry)."""
+    if cfg.data.source == "world":
+        return world_class_words()
+    if cfg.data.class_vocab is not None:
+        from vlp.data.regions import read_class_vocab
+
+        return read_class_vocab(cfg.data.class_vocab)
+    return []
+
+
 def build_tokenizer(cfg: RunConfig, world: World) -> TextTokenizer:
     if cfg.data.tokenizer == "bert":
         return TextTokenizer.bert_uncased()
@@ -221,7 +234,7 @@ def load_checkpoint_method(
     cfg = load_config(path / "config.yaml", overrides)
     tokenizer = TextTokenizer.load(path / "tokenizer.json")
     model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
-    method = build_method(cfg, model, tokenizer, class_words=world_class_words())
+    method = build_method(cfg, model, tokenizer, class_words=class_words_for(cfg))
     load_model_weights(path, method)
     return cfg, tokenizer, method
 
@@ -366,7 +379,7 @@ def build_cmal_show(
         tokenizer = build_tokenizer(cfg, world)
         torch.manual_seed(cfg.train.seed)
         model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
-    method = build_method(cfg, model, tokenizer, class_words=world_class_words())
+    method = build_method(cfg, model, tokenizer, class_words=class_words_for(cfg))
     if not isinstance(method, Cmal):
         raise ValueError(f"method.name: cmal built a {type(method).__name__}, not vlp.methods.cmal.Cmal")
     return cfg, tokenizer, method.eval(), data

@@ -75,7 +75,7 @@ def bench_train_step(
     batch, tokenizer = world_batch(cfg, batch_size, device)
     torch.manual_seed(0)
     model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
-    method = build_method(cfg, model, tokenizer, class_words=world_class_words()).to(device)
+    method = build_method(cfg, model, tokenizer, class_words=world_class_words()).to(device)  # a world batch
     optimizer = torch.optim.AdamW(method.parameters(), lr=1e-4)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
     if device.type == "cuda":

@@ -143,7 +143,7 @@ def _checkpoint_dir(path: str | Path) -> Path:
 def build_backbone(cfg: RunConfig) -> tuple[nn.Module, TextTokenizer]:
     """The pre-trained method of `task.checkpoint` (all its weights, strict) with its tokenizer, or the
     method of `task.init` freshly initialised (seeded by train.seed) with a tokenizer trained on the world."""
-    from vlp.api import build_tokenizer, build_world, world_class_words
+    from vlp.api import build_tokenizer, build_world, class_words_for
 
     torch.manual_seed(cfg.train.seed)
     if cfg.task.checkpoint is not None:
@@ -152,7 +152,7 @@ def build_backbone(cfg: RunConfig) -> tuple[nn.Module, TextTokenizer]:
     else:
         tokenizer = build_tokenizer(cfg, build_world(cfg))
     model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
-    method = build_method(cfg, model, tokenizer, class_words=world_class_words())
+    method = build_method(cfg, model, tokenizer, class_words=class_words_for(cfg))
     if cfg.task.checkpoint is not None:
         load_model_weights(_checkpoint_dir(cfg.task.checkpoint), method)
     return method, tokenizer
@@ -318,9 +318,9 @@ def evaluate_task(run: str | Path, overrides: list[str] | None = None) -> dict[s
     cfg = build_config(raw, overrides, source=str(ckpt / "config.yaml"))
     tokenizer = TextTokenizer.load(ckpt / "tokenizer.json")
     model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
-    from vlp.api import resolve_device, world_class_words
+    from vlp.api import class_words_for, resolve_device
 
-    method = build_method(cfg, model, tokenizer, class_words=world_class_words())
+    method = build_method(cfg, model, tokenizer, class_words=class_words_for(cfg))
     device = resolve_device(cfg.train.device)
     if cfg.task.name == "retrieval":
         load_model_weights(ckpt, method)
