@@ -19,7 +19,7 @@ import math
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -341,6 +341,51 @@ def grid_cell_width(image_size: int, scale: int) -> int:
     return max(image_size * scale, GRID_MIN_CELL_WIDTH) + 2 * GRID_PAD
 
 
+def _grid_font() -> tuple[ImageFont.ImageFont, int, float]:
+    """Pillow's default font, its line height and mean character width (for wrapping captions)."""
+    font = ImageFont.load_default()
+    bottom = font.getbbox("Ag")[3]
+    return font, int(bottom) + 2, max(1.0, font.getlength("abcdefghijklmnopqrstuvwxyz") / 26.0)
+
+
+Lines = list[tuple[str, tuple[int, int, int]]]
+
+
+def _write_grid(
+    cell_lines: Sequence[Lines],
+    cols: int,
+    cell_width: int,
+    picture_height: int,
+    font: ImageFont.ImageFont,
+    line_height: int,
+    draw_pictures: Callable[[int, Image.Image, ImageDraw.ImageDraw, int, int], None],
+    path: str | Path,
+) -> Path:
+    """Lay `len(cell_lines)` cells out row-major in `min(cols, n)` columns and write the PNG.
+
+    Each cell is `cell_width` wide; `draw_pictures(k, sheet, draw, x, y)` draws cell k's pictures (and
+    boxes) with their top-left at (x, y) inside a `picture_height` band, then cell k's coloured text
+    lines follow below it. Height = rows x the tallest cell. Returns the path written.
+    """
+    cell_height = GRID_PAD + picture_height + GRID_PAD + line_height * max(len(lines) for lines in cell_lines) + GRID_PAD
+    columns = min(cols, len(cell_lines))
+    rows = math.ceil(len(cell_lines) / columns)
+    sheet = Image.new("RGB", (columns * cell_width, rows * cell_height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for k, lines in enumerate(cell_lines):
+        origin_x = (k % columns) * cell_width + GRID_PAD
+        origin_y = (k // columns) * cell_height + GRID_PAD
+        draw_pictures(k, sheet, draw, origin_x, origin_y)
+        text_y = origin_y + picture_height + GRID_PAD
+        for line, colour in lines:
+            draw.text((origin_x, text_y), line, fill=colour, font=font)
+            text_y += line_height
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, format="PNG")
+    return path
+
+
 def render_grid(
     samples: "Sequence[WorldSample]",
     path: str | Path,
@@ -373,11 +418,8 @@ def render_grid(
     if len(sizes) != 1:
         raise ValueError(f"all samples must share one image size to share a grid, got sizes {sorted(sizes)}")
     image_size = sizes.pop()
-    font = ImageFont.load_default()
-    left, top, right, bottom = font.getbbox("Ag")
-    line_height = int(bottom) + 2
+    font, line_height, char_width = _grid_font()
     cell_width = grid_cell_width(image_size, scale)
-    char_width = max(1.0, font.getlength("abcdefghijklmnopqrstuvwxyz") / 26.0)
     wrap_chars = max(8, int((cell_width - 2 * GRID_PAD) / char_width))
 
     black, red, blue = (0, 0, 0), (180, 0, 0), (0, 0, 160)
@@ -396,16 +438,10 @@ def render_grid(
                 lines += [(line, blue) for line in textwrap.wrap(paragraph, wrap_chars) or [""]]
         return lines
 
-    all_lines = [cell_lines(k) for k in range(len(samples))]
     shown_size = image_size * scale
-    cell_height = GRID_PAD + shown_size + GRID_PAD + line_height * max(len(lines) for lines in all_lines) + GRID_PAD
-    columns = min(cols, len(samples))
-    rows = math.ceil(len(samples) / columns)
-    sheet = Image.new("RGB", (columns * cell_width, rows * cell_height), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for k, sample in enumerate(samples):
-        origin_x = (k % columns) * cell_width + GRID_PAD
-        origin_y = (k // columns) * cell_height + GRID_PAD
+
+    def draw_pictures(k: int, sheet: Image.Image, draw: ImageDraw.ImageDraw, origin_x: int, origin_y: int) -> None:
+        sample = samples[k]
         picture = Image.fromarray(sample.image).resize((shown_size, shown_size), Image.Resampling.NEAREST)
         sheet.paste(picture, (origin_x, origin_y))
         if show_boxes:
@@ -415,14 +451,9 @@ def render_grid(
                              origin_x + x2 * scale - 1, origin_y + y2 * scale - 1]
                 draw.rectangle(rectangle, outline=(255, 0, 255), width=1)
                 draw.text((rectangle[0] + 1, rectangle[1] + 1), obj.class_name, fill=(255, 0, 255), font=font)
-        text_y = origin_y + shown_size + GRID_PAD
-        for line, colour in all_lines[k]:
-            draw.text((origin_x, text_y), line, fill=colour, font=font)
-            text_y += line_height
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path, format="PNG")
-    return path
+
+    return _write_grid([cell_lines(k) for k in range(len(samples))], cols, cell_width, shown_size, font,
+                       line_height, draw_pictures, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,10 +491,7 @@ def render_task_grid(task: str, records: Sequence, images, path: str | Path, col
         raise ValueError("render_task_grid needs at least one record")
     if cols < 1 or scale < 1:
         raise ValueError(f"cols and scale must be >= 1, got cols={cols}, scale={scale}")
-    font = ImageFont.load_default()
-    left, top, right, bottom = font.getbbox("Ag")
-    line_height = int(bottom) + 2
-    char_width = max(1.0, font.getlength("abcdefghijklmnopqrstuvwxyz") / 26.0)
+    font, line_height, char_width = _grid_font()
     black = (0, 0, 0)
 
     def pictures(record) -> list[Image.Image]:
@@ -497,15 +525,8 @@ def render_task_grid(task: str, records: Sequence, images, path: str | Path, col
             tail = [(f"label: {record.label}", (0, 130, 0) if record.label else (190, 0, 0))]
         return [(line, black) for line in textwrap.wrap(text, wrap_chars)] + tail
 
-    all_lines = [cell_lines(r) for r in records]
-    cell_height = GRID_PAD + shown + GRID_PAD + line_height * max(len(lines) for lines in all_lines) + GRID_PAD
-    columns = min(cols, len(records))
-    rows = math.ceil(len(records) / columns)
-    sheet = Image.new("RGB", (columns * cell_width, rows * cell_height), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for k, record in enumerate(records):
-        origin_x = (k % columns) * cell_width + GRID_PAD
-        origin_y = (k // columns) * cell_height + GRID_PAD
+    def draw_pictures(k: int, sheet: Image.Image, draw: ImageDraw.ImageDraw, origin_x: int, origin_y: int) -> None:
+        record = records[k]
         for j, picture in enumerate(loaded[k]):
             sheet.paste(picture.resize((shown, shown), Image.Resampling.NEAREST), (origin_x + j * (shown + GRID_PAD), origin_y))
         if task == "rec":
@@ -518,11 +539,5 @@ def render_task_grid(task: str, records: Sequence, images, path: str | Path, col
                 if index != record.target_index:
                     draw.rectangle(to_pixels(box), outline=TASK_DISTRACTOR_RGB, width=1)
             draw.rectangle(to_pixels(record.target_box), outline=TASK_TARGET_RGB, width=2)
-        text_y = origin_y + shown + GRID_PAD
-        for line, colour in all_lines[k]:
-            draw.text((origin_x, text_y), line, fill=colour, font=font)
-            text_y += line_height
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path, format="PNG")
-    return path
+
+    return _write_grid([cell_lines(r) for r in records], cols, cell_width, shown, font, line_height, draw_pictures, path)
