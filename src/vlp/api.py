@@ -196,6 +196,13 @@ def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None,
     return out_dir
 
 
+def build_run_method(cfg: RunConfig, tokenizer: TextTokenizer) -> torch.nn.Module:
+    """A freshly initialised `VLModel` wrapped in the run's method, built with the run's class vocabulary
+    (`class_words_for`): the shape every checkpoint of `cfg` loads into."""
+    model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+    return build_method(cfg, model, tokenizer, class_words=class_words_for(cfg))
+
+
 def _checkpoint_files(checkpoint: str | Path) -> Path:
     """The checkpoint directory of `checkpoint` (a checkpoint or the run directory holding one), checked
     to hold config, tokenizer and weights."""
@@ -233,8 +240,7 @@ def load_checkpoint_method(
     path = _checkpoint_files(checkpoint)
     cfg = load_config(path / "config.yaml", overrides)
     tokenizer = TextTokenizer.load(path / "tokenizer.json")
-    model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
-    method = build_method(cfg, model, tokenizer, class_words=class_words_for(cfg))
+    method = build_run_method(cfg, tokenizer)
     load_model_weights(path, method)
     return cfg, tokenizer, method
 

@@ -31,8 +31,6 @@ from vlp.config import RunConfig, build_config, dump_config, load_config
 from vlp.data.records import TaskData
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.world import World
-from vlp.methods import build_method
-from vlp.models.model import VLModel
 from vlp.tasks.common import RecordDataset, TaskModule, predictions, task_collate
 from vlp.tasks.nlvr2 import NLVR2Dataset, NLVR2Task, nlvr2_metrics
 from vlp.tasks.rec import RECDataset, RECTask, rec_metrics
@@ -143,18 +141,16 @@ def _checkpoint_dir(path: str | Path) -> Path:
 def build_backbone(cfg: RunConfig) -> tuple[nn.Module, TextTokenizer]:
     """The pre-trained method of `task.checkpoint` (all its weights, strict) with its tokenizer, or the
     method of `task.init` freshly initialised (seeded by train.seed) with a tokenizer trained on the world."""
-    from vlp.api import build_tokenizer, build_world, class_words_for
+    from vlp.api import build_run_method, build_tokenizer, build_world
 
     torch.manual_seed(cfg.train.seed)
-    if cfg.task.checkpoint is not None:
-        path = _checkpoint_dir(cfg.task.checkpoint)
-        tokenizer = TextTokenizer.load(path / "tokenizer.json")
-    else:
+    if cfg.task.checkpoint is None:
         tokenizer = build_tokenizer(cfg, build_world(cfg))
-    model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
-    method = build_method(cfg, model, tokenizer, class_words=class_words_for(cfg))
-    if cfg.task.checkpoint is not None:
-        load_model_weights(_checkpoint_dir(cfg.task.checkpoint), method)
+        return build_run_method(cfg, tokenizer), tokenizer
+    path = _checkpoint_dir(cfg.task.checkpoint)
+    tokenizer = TextTokenizer.load(path / "tokenizer.json")
+    method = build_run_method(cfg, tokenizer)
+    load_model_weights(path, method)
     return method, tokenizer
 
 
@@ -317,10 +313,9 @@ def evaluate_task(run: str | Path, overrides: list[str] | None = None) -> dict[s
     raw = yaml.safe_load((ckpt / "config.yaml").read_text())
     cfg = build_config(raw, overrides, source=str(ckpt / "config.yaml"))
     tokenizer = TextTokenizer.load(ckpt / "tokenizer.json")
-    model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
-    from vlp.api import class_words_for, resolve_device
+    from vlp.api import build_run_method, resolve_device
 
-    method = build_method(cfg, model, tokenizer, class_words=class_words_for(cfg))
+    method = build_run_method(cfg, tokenizer)
     device = resolve_device(cfg.train.device)
     if cfg.task.name == "retrieval":
         load_model_weights(ckpt, method)

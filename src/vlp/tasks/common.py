@@ -76,10 +76,11 @@ class RecordDataset(Dataset):
         ids, _ = self.tokenizer.encode([text], self.max_len, max_words=self.max_len)
         return ids[0]
 
-    def image_item(self, image_id: str) -> dict[str, Any]:
-        """{"image": (3,H,W)} plus "region_boxes" (N,4) / "region_labels" (N,) when the source knows them."""
+    def image_item(self, image_id: str, with_regions: bool = True) -> dict[str, Any]:
+        """{"image": (3,H,W)} plus, with `with_regions`, "region_boxes" (N,4) / "region_labels" (N,) when the
+        source knows them (a task with regions of its own, REC, asks for none)."""
         item: dict[str, Any] = {"image": image_to_tensor(self.images.load(image_id), self.image_size)}
-        regions = getattr(self.images, "regions", None)
+        regions = getattr(self.images, "regions", None) if with_regions else None
         if regions is not None:
             boxes, labels = regions(image_id)
             item["region_boxes"] = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)

@@ -138,8 +138,7 @@ class RECDataset(RecordDataset):
         return record.candidates if self.boxes == "gt" else record.proposals
 
     def item(self, record: RefRecord) -> dict[str, Any]:
-        item = self.image_item(record.image_id)
-        item.pop("region_labels", None)
+        item = self.image_item(record.image_id, with_regions=False)  # the candidates are this item's regions
         boxes = torch.tensor(self.candidate_boxes(record), dtype=torch.float32).reshape(-1, 4)
         target = torch.tensor(record.target_box, dtype=torch.float32)
         label = record.target_index if self.boxes == "gt" else -1
