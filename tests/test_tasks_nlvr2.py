@@ -142,3 +142,35 @@ def test_nlvr2_learns_which_side_is_named(tok):
     assert pred.shape == (8,)
     assert losses[-1] < 0.3 * losses[0], losses
     assert metrics["acc"] >= 87.5, metrics
+
+
+def test_trainer_accumulates_nlvr2_by_items(tok, tmp_path):
+    """The Trainer cuts grad_accum micro-batches by items: with 2 micro-batches of 2 examples (4 rows
+    each) training matches one batch of 4 examples (8 rows) exactly, and every row carries its
+    example's sample key. Cut by rows, the second micro-batch would start mid-pair and fail the pair check.
+    (Gradients are compared: Adam turns float-rounding differences of near-zero gradients into ~1e-5
+    weight differences.)"""
+    from vlp.config import DataConfig, RunConfig, TrainConfig
+    from vlp.train.loop import Trainer
+
+    data = NLVR2Dataset(_records(), SquareImages(), tok, max_len=10)
+    grads = {}
+    for accum in (1, 2):
+        task = NLVR2Task(tiny_albef(tok), dropout=0.0)
+        cfg = RunConfig(train=TrainConfig(steps=2, batch_size=4, grad_accum=accum, lr=1e-3, warmup_steps=0,
+                                          grad_clip=0.0, log_every=1, ckpt_every=0, tensorboard=False,
+                                          progress=False, device="cpu", seed=3),
+                        data=DataConfig(num_workers=0))
+        trainer = Trainer(cfg, task, data, task_collate, tmp_path / str(accum))
+        grads[accum] = []
+        trainer.optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs, out=grads[accum]: out.append([p.grad.clone() for p in task.parameters() if p.grad is not None]))
+        seen = []
+        forward = task.forward
+        task.forward = lambda batch: (seen.append(batch.sample_keys.clone()), forward(batch))[1]
+        trainer.fit()
+        assert [len(keys) for keys in seen] == [8] * 2 if accum == 1 else [4] * 4
+        assert all(torch.equal(keys[0::2], keys[1::2]) for keys in seen)  # a pair's rows share the key
+    assert len(grads[1][0]) == len(grads[2][0]) > 0
+    for a, b in zip(grads[1][0], grads[2][0]):  # step 1 (after it, the Adam caveat above applies)
+        assert torch.allclose(a, b, atol=1e-6)

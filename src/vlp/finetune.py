@@ -241,9 +241,6 @@ def finetune(task: str | None = None, checkpoint: str | Path | None = None, conf
              overrides: list[str] | None = None) -> Path:
     """Fine-tune on a downstream task, evaluate on `task.eval_splits`; returns the run directory."""
     cfg = finetune_config(task, checkpoint, config, overrides)
-    if cfg.task.name == "nlvr2" and cfg.train.grad_accum > 1:
-        raise ValueError("NLVR2 items are two rows (left, right image) and the Trainer splits accumulation "
-                         "micro-batches by rows: use train.grad_accum=1 (raise train.batch_size instead)")
     out_dir = Path(cfg.train.out_dir)
     with launch.distributed_session(cfg.train.device):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

@@ -228,14 +228,16 @@ class Trainer:
         return step, Path(state["path"])
 
     # ------------------------------------------------------------------------------- steps
-    def _train_step(self, batch: Batch) -> tuple[dict[str, Tensor], float]:
+    def _train_step(self, batch: Batch, rows_per_item: int = 1) -> tuple[dict[str, Tensor], float]:
         """Forward/backward over the grad_accum micro-batches, then one optimiser step.
 
+        Micro-batches are cut by dataset items, not rows: an item of `rows_per_item` rows (an NLVR2
+        example is its left and right image) never straddles two micro-batches.
         Returns the micro-batch-averaged detached outputs (+ `grad_norm` when clipping) and the LR used.
         """
         tc = self.cfg.train
         accum = tc.grad_accum
-        micro = self.sampler.micro_batch
+        micro = self.sampler.micro_batch * rows_per_item
         batch = batch.to(self.device, non_blocking=True)
         sums: dict[str, Tensor] = {}
         for i in range(accum):
@@ -270,6 +272,14 @@ class Trainer:
         if callable(on_step_end):
             on_step_end()
         return results, lr
+
+    @staticmethod
+    def _rows_per_item(rows: int, items: int) -> int:
+        """Rows each dataset item contributed to a collated batch (1 for pre-training; 2 for NLVR2 pairs)."""
+        if rows % items:
+            raise ValueError(f"a batch of {items} items collated to {rows} rows: the collate function must give "
+                             "every item the same number of rows")
+        return rows // items
 
     def _emit(self, record: dict) -> None:
         """Keep a record, append it to metrics.jsonl and TensorBoard (rank 0)."""
@@ -391,10 +401,9 @@ class Trainer:
                 batch = next(batches)
                 data_wait += time.perf_counter() - wait_start
                 keys = self.sampler.rank_rows(step).keys
-                if len(batch) != len(keys) and len(batch) % len(keys) == 0:  # items of several rows (NLVR2 pairs)
-                    keys = keys.repeat_interleave(len(batch) // len(keys))
-                batch.sample_keys = keys
-                out, lr = self._train_step(batch)
+                rows_per_item = self._rows_per_item(len(batch), len(keys))
+                batch.sample_keys = keys.repeat_interleave(rows_per_item) if rows_per_item > 1 else keys
+                out, lr = self._train_step(batch, rows_per_item)
                 self.step = step + 1
                 window.append(out)
                 bar.update(1)
