@@ -97,7 +97,8 @@ def test_console_script_help():
 
 
 def test_demo_prints_table(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), *TINY]) == 0
+    assert main(["demo", "--out", str(tmp_path), *TINY, "--set", "task.train_size=32",
+                 "--set", "task.eval_size=12"]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if "t2i_R@1" in line)
     assert "chance_R@1" in header and "hardneg" in header
@@ -110,4 +111,17 @@ def test_demo_prints_table(tmp_path, capsys):
         assert 0 <= float(cells["t2i_R@1"]) <= 100 and 0 <= float(cells["hardneg"]) <= 100
         # CMAL has no ITC: its ITC cells print "-", the baseline's are numbers
         assert (cells["itc_t2i_R@1"] == "-") == (method == "cmal")
-    assert (tmp_path / "results.md").read_text().strip().splitlines()[0] == header
+    results = (tmp_path / "results.md").read_text()
+    assert header in results.splitlines()
+    # the compact downstream table: both checkpoints and the from-scratch model, one accuracy per task
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if "VE_acc" in line)
+    names = [c.strip() for c in lines[at].strip("|").split("|")]
+    assert {"start", "VE_acc", "REC_acc", "REC_det_acc", "VQA_acc"} <= set(names) and lines[at] in results.splitlines()
+    for start in ("albef", "cmal", "scratch"):
+        row = next(line for line in lines[at:] if line.startswith(f"| {start} "))
+        cells = dict(zip(names, [c.strip() for c in row.strip("|").split("|")]))
+        assert all(0 <= float(cells[c]) <= 100 for c in ("VE_acc", "REC_acc", "VQA_acc")), cells
+        assert json.loads((tmp_path / "finetune" / start / "ve" / "eval.json").read_text())["steps"] == 4
+    assert json.loads((tmp_path / "finetune" / "cmal" / "rec" / "eval.json").read_text())["checkpoint"] == \
+        str(tmp_path / "cmal")

@@ -11,6 +11,7 @@ A run directory holds: `config.yaml` (resolved), `tokenizer.json`, `metrics.json
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -203,7 +204,7 @@ def build_run_method(cfg: RunConfig, tokenizer: TextTokenizer) -> torch.nn.Modul
     return build_method(cfg, model, tokenizer, class_words=class_words_for(cfg))
 
 
-def _checkpoint_files(checkpoint: str | Path) -> Path:
+def checkpoint_dir(checkpoint: str | Path) -> Path:
     """The checkpoint directory of `checkpoint` (a checkpoint or the run directory holding one), checked
     to hold config, tokenizer and weights."""
     path = Path(checkpoint)
@@ -223,7 +224,7 @@ def load_checkpoint_model(
     """Rebuild config (+ `overrides`, e.g. eval settings), tokenizer and the shared `VLModel` from a
     checkpoint directory or the run directory holding one (method-owned modules are not loaded: use
     `load_checkpoint_method` for those)."""
-    path = _checkpoint_files(checkpoint)
+    path = checkpoint_dir(checkpoint)
     cfg = load_config(path / "config.yaml", overrides)
     tokenizer = TextTokenizer.load(path / "tokenizer.json")
     model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
@@ -237,7 +238,7 @@ def load_checkpoint_method(
     """Like `load_checkpoint_model` but the whole pre-training method (its `VLModel` as `.model` plus the
     modules the method owns, e.g. CMAL's region embedding, region layers, region head and WRC τ),
     strictly loaded: every saved tensor must fit the rebuilt method."""
-    path = _checkpoint_files(checkpoint)
+    path = checkpoint_dir(checkpoint)
     cfg = load_config(path / "config.yaml", overrides)
     tokenizer = TextTokenizer.load(path / "tokenizer.json")
     method = build_run_method(cfg, tokenizer)
@@ -256,14 +257,32 @@ def evaluate_method(method: torch.nn.Module, rset: RetrievalSet, cfg: RunConfig,
 def evaluate_checkpoint(
     checkpoint: str | Path, overrides: list[str] | None = None, out_dir: str | Path | None = None
 ) -> dict[str, Any]:
-    """Retrieval metrics of a pre-trained checkpoint on the world's eval split: ITC and ITM re-ranked for
-    ALBEF-style models, ITM over all pairs for CMAL (see `evaluate_method`)."""
+    """Retrieval metrics of a pre-trained (or retrieval fine-tuned) checkpoint: ITC and ITM re-ranked for
+    ALBEF-style models, ITM over all pairs for CMAL (see `evaluate_method`), on the first `eval.num_images`
+    images of `eval.split` against all their captions.
+
+    The set is the world's split, or, with `task.data: files` (in the overrides, e.g. `task.data=files`,
+    `task.annotations.test=coco_karpathy_test.json`, `task.image_root=...`, or in the config of a run
+    fine-tuned on files), the split of user Karpathy files (`vlp.finetune.retrieval_files`; every caption
+    of each image is kept, `eval.num_images` 0 = all images). Skipped bad records (`task.skip_bad`) are
+    printed and counted as `skipped_records`."""
     cfg, tokenizer, method = load_checkpoint_method(checkpoint, overrides)
     device = resolve_device(cfg.train.device)
     method.to(device).eval()
-    world = build_world(cfg)
-    rset = retrieval_set(cfg, world, tokenizer)
+    skipped = None
+    if cfg.task.data == "files":
+        from vlp.finetune import file_retrieval_set, retrieval_files
+
+        data = retrieval_files(cfg, [cfg.eval.split])
+        rset = file_retrieval_set(cfg, data, tokenizer)
+        skipped = getattr(data, "skipped", None)
+        if skipped:
+            print(f"retrieval: {skipped}", file=sys.stderr)
+    else:
+        rset = retrieval_set(cfg, build_world(cfg), tokenizer)
     metrics = evaluate_method(method, rset, cfg, device)
+    if skipped is not None:
+        metrics["skipped_records"] = skipped.count
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -297,6 +316,53 @@ def show_world(
     return out
 
 
+# ------------------------------------------------------------------------------ downstream table
+# The headline metric of each task (its test split; retrieval: R-mean of ITM over all pairs, the protocol
+# every method has) -> its table column.
+DOWNSTREAM_METRICS = {"ve": ("VE_acc", "test/acc"), "rec": ("REC_acc", "test/gt_acc"), "vqa": ("VQA_acc", "test/acc"),
+                      "nlvr2": ("NLVR2_acc", "test/acc"), "retrieval": ("ret_r_mean", "itm_all/r_mean")}
+# `vlp demo`'s compact downstream fine-tunes (README "Results"): one short epoch per task, scored on 300
+# test examples; the full-length table is benchmarks/downstream.py with the shipped finetune_<task> configs.
+DEMO_FINETUNE = ["train.steps=80", "train.warmup_steps=8", "train.log_every=40", "task.train_size=2560",
+                 "task.eval_size=300", "task.eval_splits=[test]"]
+DEMO_TASKS = ("ve", "rec", "vqa")
+
+
+def downstream_table(starts: list[tuple[str, str | Path | None]], tasks: tuple[str, ...] | list[str],
+                     out_dir: str | Path, overrides: list[str] | None = None,
+                     on_row: Any = None) -> list[dict[str, Any]]:
+    """Fine-tune every start on every task and return one row per start: the task's headline test metric
+    (`DOWNSTREAM_METRICS`), REC also on proposals (`REC_det_acc`), and the wall seconds per task.
+
+    starts: (name, checkpoint) pairs; checkpoint None = "from scratch" (`task.init` freshly initialised,
+    so the difference to a checkpoint row is what pre-training buys). Every run uses the shipped
+    `finetune_<task>` config plus `overrides` (the same for every row) and writes to out_dir/<name>/<task>.
+    `on_row(rows)` is called after each task with the rows so far (progress printing).
+    """
+    from vlp.finetune import finetune
+
+    out_dir = Path(out_dir)
+    rows: list[dict[str, Any]] = []
+    for name, checkpoint in starts:
+        row: dict[str, Any] = {"start": name}
+        for task in tasks:
+            if task not in DOWNSTREAM_METRICS:
+                raise ValueError(f"unknown task '{task}' (known: {', '.join(DOWNSTREAM_METRICS)})")
+            begin = time.time()
+            run = finetune(task, checkpoint, overrides=[f"train.out_dir={out_dir / name / task}",
+                                                        "train.progress=false", *(overrides or [])])
+            metrics = json.loads((run / "eval.json").read_text())
+            column, key = DOWNSTREAM_METRICS[task]
+            row[column] = round(float(metrics[key]), 1)
+            if task == "rec" and "test/det_acc" in metrics:
+                row["REC_det_acc"] = round(float(metrics["test/det_acc"]), 1)
+            row[f"{task}_s"] = round(time.time() - begin)
+            if on_row is not None:
+                on_row([*rows, row])
+        rows.append(row)
+    return rows
+
+
 # Same protocol for both methods: ITM score over all (image, text) pairs of the same test images (CMAL has
 # no ITC); the baseline's own ITC ranking is shown beside it.
 DEMO_COLUMNS = ["method", "pairs", "steps", "run_s", "t2i_R@1", "i2t_R@1", "r_mean", "hardneg",
@@ -305,12 +371,13 @@ DEMO_CONFIGS = {"albef": "demo", "cmal": "demo_cmal"}
 
 
 def demo(out_dir: str | Path = "runs/demo", overrides: list[str] | None = None,
-         methods: tuple[str, ...] = ("albef", "cmal")) -> str:
+         methods: tuple[str, ...] = ("albef", "cmal"), tasks: tuple[str, ...] = DEMO_TASKS) -> str:
     """Pre-train the tiny baseline and CMAL on the same world pairs for the same steps, evaluate both on
-    the same test images, return the side-by-side metrics table (also written to `out_dir/results.md`).
+    the same test images, then fine-tune each checkpoint and a from-scratch model briefly on `tasks`
+    (`DEMO_FINETUNE`); return both tables (also written to `out_dir/results.md`).
 
     Sized to finish within 10 minutes on 2 CPU cores (see README for measured figures). `overrides`
-    apply to both runs.
+    apply to every run (pre-training and fine-tuning), after the demo's own settings.
     """
     from vlp.viz import format_table
 
@@ -326,9 +393,15 @@ def demo(out_dir: str | Path = "runs/demo", overrides: list[str] | None = None,
         seconds = time.time() - start
         metrics = json.loads((run_dir / "eval.json").read_text())
         rows.append(method_row(method, cfg, seconds, metrics))
-    table = format_table(rows, DEMO_COLUMNS)
-    (out_dir / "results.md").write_text(table + "\n")
-    return table
+    text = "Pre-training: retrieval on the test images\n\n" + format_table(rows, DEMO_COLUMNS)
+    if tasks:
+        starts = [*[(m, out_dir / m) for m in methods], ("scratch", None)]
+        task_rows = downstream_table(starts, tasks, out_dir / "finetune", [*DEMO_FINETUNE, *(overrides or [])])
+        steps = load_config(f"finetune_{tasks[0]}", [*DEMO_FINETUNE, *(overrides or [])]).train.steps
+        text += (f"\n\nFine-tuning ({steps} steps per task; scratch = the baseline without pre-training): "
+                 f"test accuracy %\n\n" + format_table(task_rows))
+    (out_dir / "results.md").write_text(text + "\n")
+    return text
 
 
 def method_row(method: str, cfg: RunConfig, seconds: float, m: dict[str, float]) -> dict[str, Any]:

@@ -190,7 +190,17 @@ class TaskConfig(_Strict):
     # or {refs: ..., instances: ...} (RefCOCO, all splits in one file); see README "Bring your own data"
     annotations: dict[str, str | list[str]] = Field(default_factory=dict)
     image_root: Optional[str] = None  # files: folder the records' images are relative to
-    rec_boxes: Literal["gt", "proposals"] = "gt"  # REC training candidates (eval reports both when present)
+    # Precomputed region features instead of pixels (cmal.md §3.1, §9; README "Downstream tasks"): one .npz
+    # of many images or a folder of <image_id>.npz, the schema and data.* options (class_vocab,
+    # region_labels_faithful, adaptive_regions, region_*) of pre-training's data.source: regions; D must be
+    # method.region_feat_dim. Items then carry region_feats / region_boxes / region_labels and no image;
+    # task.image_root is not read and every record's image must have features (else an error, or a
+    # counted skip with skip_bad). Needs a region-input method (CMAL). A record's image "dir/x.jpg" is
+    # looked up as dir/x.jpg, dir/x, x.jpg, then x (vlp.data.regions.RegionFeatureSource).
+    region_features: Optional[str] = None
+    # REC training candidates: gt | proposals (eval reports both when present); None = gt, or with
+    # region_features the feature file's detector regions (the only candidates then; metric feat_acc).
+    rec_boxes: Optional[Literal["gt", "proposals"]] = None
     answer_vocab_size: int = 0  # VQA: keep the K most frequent training answers (0 = all)
     skip_bad: bool = False  # count and skip malformed records instead of failing on the first
     dropout: float = 0.1  # head dropout

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = esub.add_parser("retrieval", help="image<->text recall@1/5/10 (ITC and ITM re-ranked) + hard negatives")
     r.add_argument("--checkpoint", required=True, help="checkpoint directory (or the run directory holding it)")
     r.add_argument("--out", default=None, help="directory for eval.json and retrieval_examples.png")
+    r.add_argument("--data", default=None, choices=["world", "files"],
+                   help="world (default) | files: user Karpathy files (task.annotations.<split>, task.image_root)")
+    r.add_argument("--skip-bad", action="store_true",
+                   help="count and skip malformed records of user files instead of stopping at the first")
     _add_set(r)
     for task, text in DOWNSTREAM.items():
         if task == "retrieval":  # `eval retrieval --checkpoint RUN` above scores fine-tuned retrieval runs too
@@ -168,7 +172,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(format_table([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"]))
         return 0
     if args.command == "eval":
-        metrics = api.evaluate_checkpoint(args.checkpoint, args.overrides, out_dir=args.out)
+        overrides = list(args.overrides)
+        if args.data:
+            overrides.append(f"task.data={args.data}")
+        if args.skip_bad:
+            overrides.append("task.skip_bad=true")
+        metrics = api.evaluate_checkpoint(args.checkpoint, overrides, out_dir=args.out)
         print(format_table([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"]))
         return 0
     if args.command == "world":

@@ -11,6 +11,9 @@
   `RetrievalSet.from_karpathy_json`, `ImageCaptionDataset` (pre-training on a captions file + image
   folder, no boxes) and `vlp.data.regions.RegionCaptionDataset` (precomputed region features).
 - `CaptionRows`: image-major (image, caption) rows over per-image caption lists, with budget prefixes.
+- `RecordPairDataset`: (image, caption) rows over `CaptionRecord`s + an `ImageSource` (retrieval
+  fine-tuning on user Karpathy files); `RetrievalSet.build(records, ..., captions_per_image=None,
+  image_source=...)` is its evaluation counterpart.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from vlp.data.records import ImageSource
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.transforms import image_to_tensor, load_image
 from vlp.types import Batch
@@ -420,6 +424,54 @@ class ImageCaptionDataset(Dataset):
                 "image_id": image_index, "row": row}
 
 
+class RecordPairDataset(Dataset):
+    """(image, caption) pairs over caption records + an image source: retrieval fine-tuning on user
+    Karpathy files (`vlp finetune retrieval --data files`; records from `vlp.data.formats.read_karpathy`).
+
+    records: `CaptionRecord`s (`.image_id`, `.captions`), images: an `ImageSource` (`FolderImages`).
+    Rows are image-major over every caption of each image (`CaptionRows`; COCO 5-7 per image), cut to
+    the first `budget` pairs (None = all). Pixels are decoded lazily per item and resized to
+    `image_size`. Item (as `ImageCaptionDataset`, no region keys: CMAL uses grid cells): image
+    (3, S, S), caption, input_ids (T,), pad_id, image_id (record index: captions of one image are ITC
+    positives and never ITM negatives), row.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Any],
+        images: ImageSource,
+        tokenizer: TextTokenizer,
+        max_len: int,
+        image_size: int,
+        budget: Optional[int] = None,
+        max_words: int = 30,
+    ) -> None:
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2 to hold [CLS] and [SEP], got {max_len}")
+        if images is None:
+            raise ValueError("RecordPairDataset needs an image source (e.g. FolderImages(image_root))")
+        self.records = list(records)
+        if not self.records:
+            raise ValueError("RecordPairDataset got no caption records")
+        self.rows = CaptionRows([len(r.captions) for r in self.records], budget)
+        self.images, self.tokenizer, self.max_len = images, tokenizer, max_len
+        self.image_size, self.max_words = image_size, max_words
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        if row < 0:
+            row += len(self)
+        image_index, caption_index = self.rows.locate(row)
+        record = self.records[image_index]
+        caption = record.captions[caption_index]
+        input_ids, _ = self.tokenizer.encode([caption], self.max_len, max_words=self.max_words)
+        image = image_to_tensor(self.images.load(record.image_id), self.image_size)
+        return {"image": image, "caption": caption, "input_ids": input_ids[0], "pad_id": self.tokenizer.pad_id,
+                "image_id": image_index, "row": row}
+
+
 def _ground_truth(counts: Sequence[int]) -> tuple[Tensor, list[list[int]]]:
     """Captions per image -> (txt2img (sum counts,) long, img2txt list of caption-index lists)."""
     txt2img: list[int] = []
@@ -480,13 +532,20 @@ class RetrievalSet:
         tokenizer: TextTokenizer,
         max_len: int,
         num_images: Optional[int] = None,
-        captions_per_image: int = 5,
+        captions_per_image: Optional[int] = 5,
         image_size: Optional[int] = None,
         max_words: int = 30,
+        image_source: Optional[ImageSource] = None,
     ) -> "RetrievalSet":
-        """The first `num_images` images of a world split with their first `captions_per_image` captions.
+        """The first `num_images` images of a split with their first `captions_per_image` captions.
 
-        Fixed 5 captions per image (COCO convention) so R@K is comparable across splits. Hard negatives:
+        `split` holds world samples (`.image` pixels, `.captions`, `.objects`, `.hard_pairs`) or, with
+        `image_source`, caption records (`vlp.data.records.CaptionRecord`: `.image_id`, `.captions`) whose
+        pixels `image_source.load(image_id)` gives (user Karpathy files: `FolderImages`, resized to
+        `image_size`). `captions_per_image=None` keeps every caption of each image, so counts may differ
+        (COCO has 5-7): a text's positive is its image, an image's positives are all its captions.
+
+        World sets use a fixed 5 captions per image (COCO convention) so R@K is comparable across splits. Hard negatives:
         each image's first `hard_pairs` entry whose positive and negative still differ after
         `pre_caption(., max_words)` and truncation to `max_len` tokens (a swap past the cut would make
         the "negative" identical to the positive); images with no such pair contribute none.
@@ -501,6 +560,7 @@ class RetrievalSet:
         hard_image: list[int] = []
         hard_pos: list[str] = []
         hard_neg: list[str] = []
+        counts: list[int] = []
         regions: Optional[list[tuple[Tensor, Tensor]]] = []
         for i in range(num_images):
             sample = split[i]
@@ -509,13 +569,16 @@ class RetrievalSet:
             else:
                 regions = None  # a sample without objects: the set carries no boxes
             sample_captions = list(sample.captions)
-            if len(sample_captions) < captions_per_image:
+            count = len(sample_captions) if captions_per_image is None else captions_per_image
+            if len(sample_captions) < max(count, 1):
                 raise ValueError(
                     f"{_sample_name(sample, i)} has {len(sample_captions)} captions; a retrieval set needs "
-                    f"{captions_per_image} per image (regenerate the split or lower captions_per_image)"
+                    f"{max(count, 1)} per image (regenerate the split or lower captions_per_image)"
                 )
-            images.append(image_to_tensor(sample.image, image_size))
-            captions.extend(sample_captions[:captions_per_image])
+            pixels = sample.image if image_source is None else image_source.load(sample.image_id)
+            images.append(image_to_tensor(pixels, image_size))
+            captions.extend(sample_captions[:count])
+            counts.append(count)
             for positive, negative in getattr(sample, "hard_pairs", None) or ():
                 pair_ids, pair_mask = tokenizer.encode([positive, negative], max_len, max_words=max_words)
                 if not torch.equal(pair_ids[0] * pair_mask[0], pair_ids[1] * pair_mask[1]):
@@ -524,7 +587,7 @@ class RetrievalSet:
                     hard_neg.append(negative)
                     break
         input_ids, attention_mask = tokenizer.encode(captions, max_len, max_words=max_words)
-        txt2img, img2txt = _ground_truth([captions_per_image] * num_images)
+        txt2img, img2txt = _ground_truth(counts)
         result = cls(
             images=torch.stack(images),
             captions=captions,
@@ -601,5 +664,5 @@ class RetrievalSet:
         )
 
 
-__all__ = ["CaptionEntry", "CaptionRows", "ImageCaptionDataset", "PairDataset", "RetrievalSet", "collate",
-           "read_caption_file"]
+__all__ = ["CaptionEntry", "CaptionRows", "ImageCaptionDataset", "PairDataset", "RecordPairDataset", "RetrievalSet",
+           "collate", "read_caption_file"]

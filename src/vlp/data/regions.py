@@ -4,7 +4,9 @@ CMAL (cmal.md §3.1) was trained on frozen BUTD Faster R-CNN features as UNITER 
 `features` (N x 2048), `norm_bb` (N x 6: normalised x1, y1, x2, y2, w, h), `soft_labels` (N x 1601, column
 0 = background) and `conf` (N,), with an adaptive N. This module reads such features so CMAL can be
 pre-trained on them (`data.source: regions`), and builds the other user-data source (`data.source:
-karpathy`: captions + images without boxes, for which CMAL falls back to grid cells).
+karpathy`: captions + images without boxes, for which CMAL falls back to grid cells). Downstream
+fine-tuning reads the same files (`task.region_features`, `RegionFeatureSource`: records' images become
+their precomputed regions, no pixels; cmal.md §9 — UNITER / CMAL fine-tune on the BUTD features).
 
 Two npz layouts are read (`open_region_features` picks by path):
 
@@ -38,7 +40,7 @@ import string
 import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -393,6 +395,94 @@ def open_region_features(path: str | Path, **options: Any) -> RegionFeatures:
                             f"or a directory of <image_id>.npz files")
 
 
+# ------------------------------------------------------------------------------------------ downstream
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class RegionFeatureSource:
+    """The image source of a downstream task whose images are precomputed regions (`task.region_features`).
+
+    It stands where an `ImageSource` of pixels stands (`vlp.data.records.TaskData.images`): the task
+    datasets (`vlp.tasks.common.RecordDataset.image_item`) ask it for `region_features(image_id)` and
+    put `region_feats` (N, D), `region_boxes` (N, 7) and `region_labels` (N,) | None into their items
+    instead of an image (UNITER / CMAL fine-tune on the same BUTD features they pre-train on, cmal.md
+    §3.1, §9). `load` raises: there are no pixels.
+
+    Task records name images by file (`123.jpg`, `val2014/COCO_val2014_000000391895.jpg`,
+    `dev-850-0-img0.png`); a record's image is matched to its features by the first key the features
+    hold among (`candidates`): the id as is, the id without an image-file extension, its file name, its
+    file name without the extension. So `<features>/391895.npz` (or image id "391895" in one npz) serves
+    SNLI-VE's "391895.jpg", and `COCO_val2014_000000391895.npz` serves VQAv2's
+    "val2014/COCO_val2014_000000391895.jpg" — the "image file stem" rule of pre-training
+    (`vlp.data.datasets.read_caption_file`). Resolved keys are cached (one stat per image and layout (a)).
+
+    Args:
+        features: the opened npz layout (`open_region_features`), with the pre-training options.
+        setting: the config key the path came from, named in errors (default `task.region_features`).
+    """
+
+    def __init__(self, features: RegionFeatures, setting: str = "task.region_features") -> None:
+        self.features = features
+        self.setting = setting
+        self._keys: dict[str, Optional[str]] = {}
+
+    @property
+    def path(self) -> Path:
+        return self.features.path
+
+    @staticmethod
+    def candidates(image_id: str) -> list[str]:
+        """Feature keys tried for a record's image id, in order (class docstring)."""
+        path = PurePosixPath(str(image_id))
+        plain = str(path.with_suffix("")) if path.suffix.lower() in IMAGE_SUFFIXES else str(image_id)
+        name = path.name
+        name_plain = path.stem if path.suffix.lower() in IMAGE_SUFFIXES else name
+        out: list[str] = []
+        for key in (str(image_id), plain, name, name_plain):
+            if key and key not in out:
+                out.append(key)
+        return out
+
+    def key(self, image_id: str) -> Optional[str]:
+        """The feature key of `image_id`, or None when the features hold none of its `candidates`."""
+        if image_id not in self._keys:
+            self._keys[image_id] = next((c for c in self.candidates(image_id) if not self.features.missing([c])), None)
+        return self._keys[image_id]
+
+    def missing(self, image_ids: Sequence[str]) -> list[str]:
+        """The distinct ids among `image_ids` (in first-seen order) that have no features."""
+        seen: dict[str, None] = dict.fromkeys(image_ids)
+        return [i for i in seen if self.key(i) is None]
+
+    def location(self, image_id: str) -> str:
+        """Where the features of `image_id` were looked for (for messages)."""
+        return " or ".join(self.features.location(c) for c in self.candidates(image_id))
+
+    def missing_message(self, missing: Sequence[str], total: int, what: str) -> str:
+        """'no region features for k of the n images of <what> (e.g. ...)' plus the fix."""
+        shown = "; ".join(f"{i!r} (looked up as {self.location(i)})" for i in missing[:3])
+        return (f"{self.setting}: no region features for {len(missing)} of the {total} images of {what} "
+                f"(e.g. {shown}); extract features for them into {self.path}, remove those records, or pass --skip-bad "
+                f"(task.skip_bad: true) to skip them")
+
+    def region_features(self, image_id: str) -> RegionRecord:
+        """The validated regions of a record's image (FileNotFoundError naming the id and the path when absent)."""
+        key = self.key(image_id)
+        if key is None:
+            raise FileNotFoundError(f"{self.setting}: no region features for image {image_id!r} (looked up as "
+                                    f"{self.location(image_id)}); extract features for it or remove its records")
+        return self.features[key]
+
+    def load(self, image_id: str, record: str | None = None) -> Any:
+        """Always an error: with precomputed region features there are no pixels to load."""
+        raise ValueError(f"image {image_id!r} has no pixels here: {self.setting} is set ({self.path}), so images are "
+                         f"their precomputed region features (`region_features(image_id)`); drop {self.setting} to "
+                         f"read pixels from task.image_root")
+
+    def __repr__(self) -> str:
+        return f"RegionFeatureSource({str(self.path)!r})"
+
+
 # ------------------------------------------------------------------------------------------ dataset
 class RegionCaptionDataset(Dataset):
     """(caption, precomputed regions) pairs for pre-training without images (`data.source: regions`).
@@ -580,6 +670,7 @@ __all__ = [
     "NpzDirectory",
     "PretrainSource",
     "RegionCaptionDataset",
+    "RegionFeatureSource",
     "RegionFeatures",
     "RegionRecord",
     "adaptive_num_regions",

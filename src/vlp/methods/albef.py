@@ -135,11 +135,21 @@ class Albef(nn.Module):
         return int(self.model.cfg.text.width), int(self.model.cfg.vision.width)
 
     def encode_pair(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                    region_boxes: Optional[Tensor] = None, region_mask: Optional[Tensor] = None) -> PairOutput:
+                    region_boxes: Optional[Tensor] = None, region_mask: Optional[Tensor] = None,
+                    region_feats: Optional[Tensor] = None) -> PairOutput:
         """Downstream encoding of (image, text) pairs: the fused [CLS] (B, D) of text cross-attending to the
         image tokens (the ITM pass of pre-training, ALBEF's fine-tuning input) and, when boxes (B, N, 4|7)
         are given, RoIAlign features (B, N, Dv) of the ViT grid at them (for REC; ALBEF itself grounds by
-        Grad-CAM, which has no trainable head — see `vlp.tasks.rec`)."""
+        Grad-CAM, which has no trainable head — see `vlp.tasks.rec`).
+
+        `region_feats` (precomputed detector features, `task.region_features`) is refused with a
+        ValueError: ALBEF encodes pixels with its ViT and has no input for detector features."""
+        if region_feats is not None:
+            raise ValueError("ALBEF encodes pixels (its ViT image tokens): it cannot take precomputed region features "
+                             "(task.region_features); use a region-input method such as CMAL (method.name: cmal, or "
+                             "a CMAL checkpoint) or drop task.region_features and give task.image_root")
+        if images is None:
+            raise ValueError("ALBEF.encode_pair needs images (B, 3, H, W)")
         image = self.model.encode_image(images)
         text = self.model.encode_text(input_ids, attention_mask)
         cls = self.model.fuse(text, attention_mask, image.tokens).cls

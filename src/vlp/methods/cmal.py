@@ -772,33 +772,56 @@ class Cmal(nn.Module):
         width = int(self.model.cfg.text.width)
         return width, width
 
-    def encode_pair(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                    region_boxes: Optional[Tensor] = None, region_mask: Optional[Tensor] = None) -> PairOutput:
+    def encode_pair(self, images: Optional[Tensor], input_ids: Tensor, attention_mask: Tensor,
+                    region_boxes: Optional[Tensor] = None, region_mask: Optional[Tensor] = None,
+                    region_feats: Optional[Tensor] = None) -> PairOutput:
         """Downstream encoding (UNITER / CMAL fine-tuning, cmal.md §9): the clean [text ; regions] sequence
         through the unified encoder, as in the ITM task (no masking, no swap).
 
         cls = the output at [CLS] (B, D); regions = the outputs at the region slots (B, N, D), conditioned
-        on the text by self-attention (UNITER's REC head scores these). Regions are the given boxes (REC
-        candidates, or an image's object boxes) or, without boxes, `grid_regions`² grid cells. The
-        `whole_image_region` slot, when configured, is encoded but not returned, so `regions[:, i]` is box i.
+        on the text by self-attention (UNITER's REC head scores these). Regions are, as in pre-training
+        (`regions`, cmal.md §3.1, §11.1):
+          * `region_feats` (B, N, Dv) with their `region_boxes` (B, N, 4|7) and `region_mask` (B, N):
+            precomputed detector features used as is (`feature_inputs`, no RoIAlign; `images` may be None;
+            Dv must be `method.region_feat_dim`) — UNITER / CMAL fine-tune on the BUTD features
+            (`task.region_features`);
+          * else RoIAlign of the ViT grid of `images` (B, 3, H, W) at the given boxes (REC candidates, or an
+            image's object boxes) or, without boxes, at `grid_regions`² grid cells.
+        The `whole_image_region` slot, when configured, is encoded but not returned, so `regions[:, i]` is
+        region i. More than `method.max_regions` regions is an error (REC candidates must all be scored).
         """
-        if region_boxes is None:
+        if region_feats is not None:
+            if region_boxes is None:
+                raise ValueError("CMAL.encode_pair got region_feats without region_boxes: every precomputed region "
+                                 "needs its normalised box")
+        elif images is None:
+            raise ValueError("CMAL.encode_pair needs images (regions are pooled from the ViT grid) or precomputed "
+                             "region_feats with their region_boxes")
+        elif region_boxes is None:
             region_boxes = grid_cell_boxes(self.cfg.grid_regions, device=images.device).expand(images.shape[0], -1, -1)
             region_mask = None
         if region_boxes.shape[1] > self.cfg.max_regions:
             raise ValueError(f"{region_boxes.shape[1]} regions per image exceed method.max_regions="
                              f"{self.cfg.max_regions}: raise it (e.g. --set method.max_regions=N) to encode them all")
-        regions = self.region_inputs(images, region_boxes, None, region_mask)
+        if region_feats is not None:
+            regions = self.feature_inputs(region_feats, region_boxes, None, region_mask)
+        else:
+            regions = self.region_inputs(images, region_boxes, None, region_mask)
         txt_h, reg_h = self._encode(self._word_vectors(input_ids, attention_mask), self._region_vectors(regions),
                                     regions.boxes, attention_mask, regions.mask)
         skip = 1 if self.cfg.whole_image_region else 0
         return PairOutput(txt_h[:, 0], reg_h[:, skip:], regions.mask[:, skip:])
 
     # ------------------------------------------------------------------------------ retrieval
-    def encode_regions(self, images: Tensor, region_boxes: Tensor,
+    def encode_regions(self, images: Tensor, region_boxes: Optional[Tensor],
                        region_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         """Per-image part of the ITM input, computed once per image for retrieval:
-        (region vectors e^v (B,N,d), 7-d boxes (B,N,7), region mask (B,N) bool), clean (no masking)."""
+        (region vectors e^v (B,N,d), 7-d boxes (B,N,7), region mask (B,N) bool), clean (no masking).
+        `region_boxes=None` (images without boxes, e.g. user Karpathy files): `grid_regions`² grid cells,
+        as in training (`regions`) and `encode_pair`."""
+        if region_boxes is None:
+            region_boxes = grid_cell_boxes(self.cfg.grid_regions, device=images.device).expand(images.shape[0], -1, -1)
+            region_mask = None
         regions = self.region_inputs(images, region_boxes, None, region_mask)
         return self._region_vectors(regions), regions.boxes, regions.mask
 

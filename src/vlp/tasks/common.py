@@ -12,6 +12,13 @@ The backbone is any pre-training method exposing `encode_pair(images, input_ids,
 region_boxes=None, region_mask=None) -> vlp.types.PairOutput` and `pair_dims -> (D, Dr)`
 (`Albef`, `Cmal`). "From scratch" is the same method freshly initialised, so the comparison with a
 pre-trained checkpoint isolates what pre-training buys.
+
+Precomputed region features (`task.region_features`, cmal.md §3.1, §9: UNITER / CMAL fine-tune on the
+BUTD features they pre-train on): the task's image source is then a `vlp.data.regions.RegionFeatureSource`
+and every image of an item (both sides of an NLVR2 pair) becomes "region_feats" (N, D), "region_boxes"
+(N, 7) and "region_labels" (N,) | None, with no "image". `task_collate` pads them (`Batch.region_feats`
+(B, N, D), `region_mask`), and `TaskModule.encode` hands them to `encode_pair(..., region_feats=)`,
+which only region-input methods accept (CMAL; ALBEF raises: it encodes pixels).
 """
 
 from __future__ import annotations
@@ -44,7 +51,11 @@ class RecordDataset(Dataset):
         records: task records (`vlp.data.records`).
         images: resolves `image_id` -> PIL image; when it also has `regions(image_id) -> (boxes (N,4)
             normalised xyxy, labels (N,) class id + 1 or None)`, items carry them (single-stream
-            methods such as CMAL take regions as input; the world provides its object boxes).
+            methods such as CMAL take regions as input; the world provides its object boxes). Or a
+            source of precomputed regions (`region_features(image_id) -> RegionRecord`, e.g.
+            `vlp.data.regions.RegionFeatureSource`): items carry those instead of pixels, and every
+            record's image is checked to have features at construction (FileNotFoundError naming a few
+            missing ids and where they were looked for).
         tokenizer: `TextTokenizer`; max_len: token cap; image_size: resize side (None = keep).
     """
 
@@ -57,6 +68,25 @@ class RecordDataset(Dataset):
         self.tokenizer = tokenizer
         self.max_len = max_len
         self.image_size = image_size
+        if self.feature_source is not None and hasattr(images, "missing"):
+            needed = [i for record in self.records for i in self.record_image_ids(record)]
+            missing = images.missing(needed)
+            if missing:
+                total = len(dict.fromkeys(needed))
+                what = f"these {len(self.records)} {type(self).__name__} records"
+                message = (images.missing_message(missing, total, what) if hasattr(images, "missing_message")
+                           else f"no region features for {len(missing)} images of {what}, e.g. {missing[:3]}")
+                raise FileNotFoundError(message)
+
+    @property
+    def feature_source(self) -> Any:
+        """The image source when it yields precomputed regions (has `region_features`), else None."""
+        return self.images if callable(getattr(self.images, "region_features", None)) else None
+
+    @classmethod
+    def record_image_ids(cls, record: Any) -> tuple[str, ...]:
+        """The image ids an item of `record` reads (one; NLVR2: left and right)."""
+        return (record.image_id,)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -78,7 +108,17 @@ class RecordDataset(Dataset):
 
     def image_item(self, image_id: str, with_regions: bool = True) -> dict[str, Any]:
         """{"image": (3,H,W)} plus, with `with_regions`, "region_boxes" (N,4) / "region_labels" (N,) when the
-        source knows them (a task with regions of its own, REC, asks for none)."""
+        source knows them (a task with regions of its own, REC, asks for none).
+
+        With a source of precomputed regions (`feature_source`) the image IS its regions, whatever
+        `with_regions` says: {"region_feats" (N, D) float32, "region_boxes" (N, 7) float32 normalised
+        [x1, y1, x2, y2, w, h, w*h], "region_labels" (N,) long | None}, no "image".
+        """
+        source = self.feature_source
+        if source is not None:
+            record = source.region_features(image_id)
+            return {"region_feats": torch.from_numpy(record.features), "region_boxes": torch.from_numpy(record.boxes),
+                    "region_labels": None if record.labels is None else torch.from_numpy(record.labels)}
         item: dict[str, Any] = {"image": image_to_tensor(self.images.load(image_id), self.image_size)}
         regions = getattr(self.images, "regions", None) if with_regions else None
         if regions is not None:
@@ -139,9 +179,20 @@ class TaskModule(nn.Module):
 
     def encode(self, batch: Batch, with_regions: bool = False) -> PairOutput:
         """`backbone.encode_pair` on the batch; regions (boxes + mask) are passed when `with_regions` or when
-        the backbone needs them as input (single-stream: `backbone.needs_regions`)."""
+        the backbone needs them as input (single-stream: `backbone.needs_regions`).
+
+        A batch of precomputed regions (`batch.region_feats` (B, N, D), no images) always passes them with
+        their boxes (B, N, 7) and mask (B, N): `encode_pair(None, ids, mask, boxes, region_mask,
+        region_feats=feats)`; a backbone that encodes pixels raises there.
+        """
+        if batch.region_feats is not None:
+            if batch.region_boxes is None:
+                raise ValueError("a batch with region_feats needs region_boxes (every precomputed region has a box)")
+            return self.backbone.encode_pair(batch.images, batch.input_ids, batch.attention_mask, batch.region_boxes,
+                                             batch.region_mask, region_feats=batch.region_feats)
         if batch.images is None:
-            raise ValueError("downstream tasks need images in the batch")
+            raise ValueError("downstream tasks need images in the batch (or precomputed region_feats: "
+                             "task.region_features)")
         pass_regions = with_regions or getattr(self.backbone, "needs_regions", False)
         boxes = batch.region_boxes if pass_regions else None
         mask = batch.region_mask if pass_regions else None

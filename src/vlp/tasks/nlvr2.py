@@ -35,10 +35,15 @@ class NLVR2Dataset(RecordDataset):
     """`NLVR2Record`s -> items {"pair": [left, right]}.
 
     Each sub-item: "image" (3, H, W) (+ "region_boxes" / "region_labels" when the image source knows
-    them), "input_ids" (T,) of the statement (the same in both), "label" int (1 = true), "pair_index" =
-    the dataset row, "row" = the dataset row (-> `Batch.sample_keys`, the same for both halves),
-    "image_id" = 2 * row + side (0 left, 1 right), "pad_id".
+    them; with precomputed region features, `task.region_features`, each side's own "region_feats" /
+    "region_boxes" / "region_labels" instead of the image), "input_ids" (T,) of the statement (the same
+    in both), "label" int (1 = true), "pair_index" = the dataset row, "row" = the dataset row (->
+    `Batch.sample_keys`, the same for both halves), "image_id" = 2 * row + side (0 left, 1 right), "pad_id".
     """
+
+    @classmethod
+    def record_image_ids(cls, record: NLVR2Record) -> tuple[str, ...]:
+        return (record.left_image_id, record.right_image_id)
 
     def item(self, record: NLVR2Record) -> dict[str, Any]:
         ids = self.text_ids(record.statement)

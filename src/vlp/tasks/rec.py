@@ -1,13 +1,23 @@
 """Referring expression comprehension (RefCOCO / RefCOCO+ / RefCOCOg): which region does the expression name?
 
-Input: the image, the expression, and a set of candidate regions. Two settings, as RefCOCO papers
-report them (`RECDataset(boxes=...)`):
+Input: the image, the expression, and a set of candidate regions. Three settings (`RECDataset(boxes=...)`),
+the first two as RefCOCO papers report them:
   * "gt": the candidates are the ground-truth boxes of all objects of the image (`RefRecord.candidates`)
     and the target is `RefRecord.target_index` (exactly one positive);
   * "proposals" ("detected"): the candidates are detector boxes (`RefRecord.proposals`); none of them is
     the target box itself, so every proposal with IoU >= 0.5 with the target is a positive
     (multi-positive target; a row with no such proposal has no target and is left out of the loss).
-UNITER trains on GT boxes and evaluates on detected ones (cmal.md §9, "REC"); both work here.
+  * "features": precomputed region features instead of pixels (`task.region_features`, image source
+    `vlp.data.regions.RegionFeatureSource`): the candidates are the feature file's regions of the image,
+    each with its own detector feature (UNITER runs REC on the BUTD regions it has features for, cmal.md
+    §3.1, §9). It is the "proposals" setting on those boxes: positives = regions with IoU >= 0.5 with
+    the target box (label -1, `region_targets`), prediction = the best region, correct when ITS box has
+    IoU >= 0.5 with the target. `vlp.finetune` reports it as `feat_acc` (`<split>/feat_acc`,
+    `feat_acc_<group>`), not `det_acc`: `det_` is the records' own proposals scored on pixels, and the
+    two need not be the same detector's boxes. Nothing else is reported with features (no pixels to
+    pool ground-truth candidates from). Its ceiling is the share of expressions whose target some
+    feature region overlaps at IoU >= 0.5 (`no_target` in training logs the rest).
+UNITER trains on GT boxes and evaluates on detected ones (cmal.md §9, "REC"); all work here.
 
 Head (UNITER-style supervised region scoring, cmal.md §9): each region vector r (B, N, Dr) from
 `PairOutput.regions` is projected to the text width, r' = Linear(Dr -> D)(r), and scored together with
@@ -46,7 +56,7 @@ from vlp.types import Batch, PairOutput
 REC_IOU = 0.5
 """IoU threshold of a correct grounding (RefCOCO protocol) and of a positive proposal (detected setting)."""
 
-BoxSetting = Literal["gt", "proposals"]
+BoxSetting = Literal["gt", "proposals", "features"]
 
 
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -115,16 +125,29 @@ class RECDataset(RecordDataset):
     "label", "region_boxes" and "target_box"). Region labels of the image source are dropped: they
     describe the source's boxes, not these candidates.
 
-    Raises ValueError at construction when `boxes` is unknown or, with boxes="proposals", when a record
-    has no proposals (naming it), so a run fails before it trains.
+    boxes="features" (module docstring; the image source yields precomputed regions): no "image";
+    "region_feats" (N, D), "region_boxes" (N, 7) and "region_labels" (N,) | None are the feature file's
+    regions of the image (the candidates), "label" = -1 (positives by IoU).
+
+    Raises ValueError at construction when `boxes` is unknown, with boxes="proposals" when a record has
+    no proposals (naming it), and when boxes="features" and the image source disagree (features need a
+    source of precomputed regions; such a source has no pixels for "gt" / "proposals"), so a run fails
+    before it trains.
     """
 
     def __init__(self, records: Sequence[RefRecord], images: ImageSource, tokenizer: Any, max_len: int = 40,
                  image_size: Optional[int] = None, boxes: BoxSetting = "gt") -> None:
         super().__init__(records, images, tokenizer, max_len, image_size)
-        if boxes not in ("gt", "proposals"):
-            raise ValueError(f"RECDataset: boxes must be 'gt' (ground-truth candidates) or 'proposals' "
-                             f"(detected setting), got {boxes!r}")
+        if boxes not in ("gt", "proposals", "features"):
+            raise ValueError(f"RECDataset: boxes must be 'gt' (ground-truth candidates), 'proposals' "
+                             f"(detected setting) or 'features' (precomputed regions), got {boxes!r}")
+        if boxes == "features" and self.feature_source is None:
+            raise ValueError("RECDataset(boxes='features') scores the regions of precomputed features: the image "
+                             "source must yield them (task.region_features / vlp.data.regions.RegionFeatureSource)")
+        if boxes != "features" and self.feature_source is not None:
+            raise ValueError(f"RECDataset(boxes={boxes!r}) pools candidate boxes from pixels, but the image source "
+                             f"yields precomputed region features (task.region_features): use boxes='features' "
+                             f"(the feature file's regions are the candidates; leave task.rec_boxes unset)")
         self.boxes = boxes
         if boxes == "proposals":
             for record in self.records:
@@ -134,12 +157,19 @@ class RECDataset(RecordDataset):
                         f"{record.image_id!r}) has no proposals; give detections for every record or use boxes='gt'")
 
     def candidate_boxes(self, record: RefRecord) -> tuple[Box, ...]:
-        """The boxes this dataset scores for `record` (candidates or proposals, per `self.boxes`)."""
+        """The boxes this dataset scores for `record` (candidates, proposals or the feature regions' xyxy,
+        per `self.boxes`)."""
+        if self.boxes == "features":
+            boxes = self.feature_source.region_features(record.image_id).boxes[:, :4]
+            return tuple(tuple(float(v) for v in row) for row in boxes.tolist())
         return record.candidates if self.boxes == "gt" else record.proposals
 
     def item(self, record: RefRecord) -> dict[str, Any]:
         item = self.image_item(record.image_id, with_regions=False)  # the candidates are this item's regions
-        boxes = torch.tensor(self.candidate_boxes(record), dtype=torch.float32).reshape(-1, 4)
+        if self.boxes == "features":  # image_item gave the feature regions: they are the candidates
+            boxes = item["region_boxes"]
+        else:
+            boxes = torch.tensor(self.candidate_boxes(record), dtype=torch.float32).reshape(-1, 4)
         target = torch.tensor(record.target_box, dtype=torch.float32)
         label = record.target_index if self.boxes == "gt" else -1
         item["input_ids"] = self.text_ids(record.expression)
