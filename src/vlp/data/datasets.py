@@ -369,7 +369,41 @@ class CaptionRows:
         return int(np.searchsorted(self.offsets, len(self), side="left"))
 
 
-class ImageCaptionDataset(Dataset):
+class CaptionRowDataset(Dataset):
+    """Base of the caption-file datasets: image-major (image, caption) rows (`CaptionRows`, budget =
+    prefix) over `groups` (one per image, each with `.captions`), every row's caption tokenised.
+
+    Subclasses add the image side of a row with `image_part(image_index, group) -> dict` (pixels, or
+    precomputed regions). Item: the image part plus caption str, input_ids (T,) long, pad_id,
+    image_id (group index: captions of one image are ITC positives, never ITM negatives), row.
+    """
+
+    def __init__(self, groups: Sequence[Any], tokenizer: TextTokenizer, max_len: int,
+                 budget: Optional[int] = None, max_words: int = 30) -> None:
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2 to hold [CLS] and [SEP], got {max_len}")
+        self.groups = list(groups)
+        self.rows = CaptionRows([len(g.captions) for g in self.groups], budget)
+        self.tokenizer, self.max_len, self.max_words = tokenizer, max_len, max_words
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def image_part(self, image_index: int, group: Any) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must implement image_part(image_index, group)")
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        if row < 0:
+            row += len(self)
+        image_index, caption_index = self.rows.locate(row)
+        group = self.groups[image_index]
+        caption = group.captions[caption_index]
+        input_ids, _ = self.tokenizer.encode([caption], self.max_len, max_words=self.max_words)
+        return {**self.image_part(image_index, group), "caption": caption, "input_ids": input_ids[0],
+                "pad_id": self.tokenizer.pad_id, "image_id": image_index, "row": row}
+
+
+class ImageCaptionDataset(CaptionRowDataset):
     """Pre-training pairs from a caption file + image folder, without boxes (`data.source: karpathy`).
 
     Rows are image-major over `read_caption_file(captions, require_image=True)` entries (or `entries`,
@@ -391,12 +425,10 @@ class ImageCaptionDataset(Dataset):
         max_words: int = 30,
         entries: Optional[Sequence[CaptionEntry]] = None,
     ) -> None:
-        if max_len < 2:
-            raise ValueError(f"max_len must be >= 2 to hold [CLS] and [SEP], got {max_len}")
         self.file = Path(captions)
         self.root = Path(image_root)
         self.entries = list(entries) if entries is not None else read_caption_file(self.file, require_image=True)
-        self.rows = CaptionRows([len(e.captions) for e in self.entries], budget)
+        super().__init__(self.entries, tokenizer, max_len, budget, max_words)
         for entry in self.entries[: self.rows.num_images]:
             image_path = self.root / str(entry.image)
             if not image_path.is_file():
@@ -404,27 +436,16 @@ class ImageCaptionDataset(Dataset):
                     f"{self.file} record {entry.record}: image not found: {image_path}; check data.image_root "
                     f"({self.root}) or remove the record"
                 )
-        self.tokenizer, self.max_len, self.image_size, self.max_words = tokenizer, max_len, image_size, max_words
+        self.image_size = image_size
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, row: int) -> dict[str, Any]:
-        if row < 0:
-            row += len(self)
-        image_index, caption_index = self.rows.locate(row)
-        entry = self.entries[image_index]
-        caption = entry.captions[caption_index]
-        input_ids, _ = self.tokenizer.encode([caption], self.max_len, max_words=self.max_words)
+    def image_part(self, image_index: int, entry: CaptionEntry) -> dict[str, Any]:
         try:
-            image = load_image(self.root / str(entry.image), self.image_size)
+            return {"image": load_image(self.root / str(entry.image), self.image_size)}
         except ValueError as exc:
             raise ValueError(f"{self.file} record {entry.record}: {exc}") from exc
-        return {"image": image, "caption": caption, "input_ids": input_ids[0], "pad_id": self.tokenizer.pad_id,
-                "image_id": image_index, "row": row}
 
 
-class RecordPairDataset(Dataset):
+class RecordPairDataset(CaptionRowDataset):
     """(image, caption) pairs over caption records + an image source: retrieval fine-tuning on user
     Karpathy files (`vlp finetune retrieval --data files`; records from `vlp.data.formats.read_karpathy`).
 
@@ -446,30 +467,16 @@ class RecordPairDataset(Dataset):
         budget: Optional[int] = None,
         max_words: int = 30,
     ) -> None:
-        if max_len < 2:
-            raise ValueError(f"max_len must be >= 2 to hold [CLS] and [SEP], got {max_len}")
         if images is None:
             raise ValueError("RecordPairDataset needs an image source (e.g. FolderImages(image_root))")
         self.records = list(records)
         if not self.records:
             raise ValueError("RecordPairDataset got no caption records")
-        self.rows = CaptionRows([len(r.captions) for r in self.records], budget)
-        self.images, self.tokenizer, self.max_len = images, tokenizer, max_len
-        self.image_size, self.max_words = image_size, max_words
+        super().__init__(self.records, tokenizer, max_len, budget, max_words)
+        self.images, self.image_size = images, image_size
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, row: int) -> dict[str, Any]:
-        if row < 0:
-            row += len(self)
-        image_index, caption_index = self.rows.locate(row)
-        record = self.records[image_index]
-        caption = record.captions[caption_index]
-        input_ids, _ = self.tokenizer.encode([caption], self.max_len, max_words=self.max_words)
-        image = image_to_tensor(self.images.load(record.image_id), self.image_size)
-        return {"image": image, "caption": caption, "input_ids": input_ids[0], "pad_id": self.tokenizer.pad_id,
-                "image_id": image_index, "row": row}
+    def image_part(self, image_index: int, record: Any) -> dict[str, Any]:
+        return {"image": image_to_tensor(self.images.load(record.image_id), self.image_size)}
 
 
 def _ground_truth(counts: Sequence[int]) -> tuple[Tensor, list[list[int]]]:
@@ -664,5 +671,5 @@ class RetrievalSet:
         )
 
 
-__all__ = ["CaptionEntry", "CaptionRows", "ImageCaptionDataset", "PairDataset", "RecordPairDataset", "RetrievalSet",
+__all__ = ["CaptionEntry", "CaptionRowDataset", "CaptionRows", "ImageCaptionDataset", "PairDataset", "RecordPairDataset", "RetrievalSet",
            "collate", "read_caption_file"]

@@ -48,7 +48,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vlp.config import ConfigError, RunConfig
-from vlp.data.datasets import CaptionEntry, CaptionRows, ImageCaptionDataset, collate, read_caption_file
+from vlp.data.datasets import CaptionEntry, CaptionRowDataset, CaptionRows, ImageCaptionDataset, collate, read_caption_file
 from vlp.data.lexicon import morphology_variants
 from vlp.data.tokenizer import (
     SPECIAL_TOKENS,
@@ -484,7 +484,7 @@ class RegionFeatureSource:
 
 
 # ------------------------------------------------------------------------------------------ dataset
-class RegionCaptionDataset(Dataset):
+class RegionCaptionDataset(CaptionRowDataset):
     """(caption, precomputed regions) pairs for pre-training without images (`data.source: regions`).
 
     Rows are image-major over the caption file's images (`CaptionRows`, budget = prefix, as `PairDataset`).
@@ -507,11 +507,9 @@ class RegionCaptionDataset(Dataset):
         max_words: int = 30,
         entries: Optional[Sequence[CaptionEntry]] = None,
     ) -> None:
-        if max_len < 2:
-            raise ValueError(f"max_len must be >= 2 to hold [CLS] and [SEP], got {max_len}")
         self.file = Path(captions)
         self.entries = list(entries) if entries is not None else read_caption_file(self.file)
-        self.rows = CaptionRows([len(e.captions) for e in self.entries], budget)
+        super().__init__(self.entries, tokenizer, max_len, budget, max_words)
         self.features = features
         needed = [e.image_id for e in self.entries[: self.rows.num_images]]
         missing = features.missing(needed)
@@ -522,25 +520,10 @@ class RegionCaptionDataset(Dataset):
                 f"(e.g. {shown}); extract features for them, or remove those images from the captions file"
             )
         self.has_labels = features[needed[0]].labels is not None
-        self.tokenizer, self.max_len, self.max_words = tokenizer, max_len, max_words
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, row: int) -> dict[str, Any]:
-        if row < 0:
-            row += len(self)
-        image_index, caption_index = self.rows.locate(row)
-        entry = self.entries[image_index]
-        caption = entry.captions[caption_index]
-        input_ids, _ = self.tokenizer.encode([caption], self.max_len, max_words=self.max_words)
+    def image_part(self, image_index: int, entry: CaptionEntry) -> dict[str, Any]:
         record = self.features[entry.image_id]
         return {
-            "caption": caption,
-            "input_ids": input_ids[0],
-            "pad_id": self.tokenizer.pad_id,
-            "image_id": image_index,
-            "row": row,
             "region_feats": torch.from_numpy(record.features),
             "region_boxes": torch.from_numpy(record.boxes),
             "region_labels": None if record.labels is None else torch.from_numpy(record.labels),
