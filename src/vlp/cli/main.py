@@ -109,8 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--image-size", type=int, default=64)
     bw.add_argument("--count", type=int, default=200)
 
-    d = sub.add_parser("demo", help="pre-train the tiny baseline on the world and print a metrics table")
+    d = sub.add_parser("demo", help="pre-train the tiny baseline and CMAL on the world, fine-tune both and a "
+                                    "from-scratch model briefly, print the tables")
     d.add_argument("--out", default="runs/demo")
+    d.add_argument("--tasks", nargs="*", default=None, choices=list(DOWNSTREAM),
+                   help="downstream tasks of the compact fine-tuning table (default: ve rec vqa; "
+                        "--tasks with none: the pre-training table only)")
     _add_set(d)
     return parser
 
@@ -204,7 +208,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "demo":
         start = time.time()
-        table = api.demo(Path(args.out), args.overrides)
+        tasks = api.DEMO_TASKS if args.tasks is None else tuple(args.tasks)
+        table = api.demo(Path(args.out), args.overrides, tasks=tasks)
         print(table)
         print(f"demo wall time: {time.time() - start:.0f} s; run directory: {args.out}")
         return 0
