@@ -34,6 +34,20 @@ def tiny_albef(tok, image_size: int = 32):
     return build_method(cfg, VLModel(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id), tok)
 
 
+def fit_full_batch(module, batch, steps: int, lr: float) -> tuple[list, dict]:
+    """`steps` AdamW steps on one fixed batch (the downstream learning tests): the per-step losses and the
+    last step's outputs."""
+    opt = torch.optim.AdamW(module.parameters(), lr=lr)
+    losses, out = [], {}
+    for _ in range(steps):
+        out = module(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["loss"].detach()))
+    return losses, out
+
+
 @pytest.fixture(scope="session")
 def world() -> World:
     return World(seed=1, image_size=32, sizes={"train": 40, "val": 8, "test": 8})

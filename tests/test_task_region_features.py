@@ -30,7 +30,7 @@ from vlp.tasks.nlvr2 import NLVR2Dataset
 from vlp.tasks.rec import RECDataset, RECTask, rec_metrics
 from vlp.tasks.ve import VEDataset, VETask, ve_metrics
 from vlp.tasks.vqa import VQADataset
-from conftest import tiny_albef
+from conftest import tiny_albef, fit_full_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -213,12 +213,7 @@ def test_ve_learns_the_colour_only_the_features_carry(tmp_path, tok):
     test = VEDataset(ve_records(test_images), feats, tok, max_len=8)
     task = VETask(tiny_cmal(tok), dropout=0.0)
     batch = task_collate([train[i] for i in range(len(train))])
-    opt = torch.optim.AdamW(task.parameters(), lr=3e-3)
-    for _ in range(60):
-        out = task(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
+    losses, out = fit_full_batch(task, batch, 60, lr=3e-3)
     metrics = ve_metrics(predictions(task, test, batch_size=32), test.records)
     assert metrics["acc"] >= 80.0, metrics
 
@@ -252,12 +247,7 @@ def test_rec_scores_the_feature_regions(tmp_path, tok):
     assert train[2]["region_targets"].tolist() == [False, False, True]  # img1: red is region 2
     task = RECTask(tiny_cmal(tok), dropout=0.0)
     batch = task_collate([train[i] for i in range(len(train))])
-    opt = torch.optim.AdamW(task.parameters(), lr=3e-3)
-    for _ in range(40):
-        out = task(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
+    losses, out = fit_full_batch(task, batch, 40, lr=3e-3)
     assert float(out["no_target"]) == 0.0
     test = RECDataset(test_records, feats, tok, max_len=8, boxes="features")
     pred = predictions(task, test, batch_size=8)

@@ -13,7 +13,7 @@ from vlp.methods import build_method
 from vlp.models.model import VLModel
 from vlp.tasks.common import predictions, task_collate
 from vlp.tasks.ve import VEDataset, VETask, ve_metrics
-from conftest import tiny_albef
+from conftest import tiny_albef, fit_full_batch
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
 
@@ -75,14 +75,7 @@ def test_ve_learns_colour_entailment(tok):
     task = VETask(tiny_albef(tok), dropout=0.0)
     data = VEDataset(_records(8), ColourImages(), tok, max_len=8)
     batch = task_collate([data[i] for i in range(8)])
-    opt = torch.optim.AdamW(task.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(80):
-        out = task(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(float(out["loss"].detach()))
+    losses, out = fit_full_batch(task, batch, 80, lr=1e-3)
     assert losses[-1] < 0.3 * losses[0]  # measured: 1.24 -> 0.017 by step 60 (lr 1e-3)
     pred = predictions(task, data, batch_size=3)
     metrics = ve_metrics(pred, data.records)

@@ -16,7 +16,7 @@ from vlp.methods import build_method
 from vlp.models.model import VLModel
 from vlp.tasks.common import predictions, task_collate
 from vlp.tasks.nlvr2 import NLVR2Dataset, NLVR2Task, nlvr2_metrics
-from conftest import tiny_albef
+from conftest import tiny_albef, fit_full_batch
 
 SIZE = 32
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
@@ -129,14 +129,7 @@ def test_nlvr2_learns_which_side_is_named(tok):
     task = NLVR2Task(tiny_albef(tok), dropout=0.0)
     data = NLVR2Dataset(recs, SquareImages(), tok, max_len=10)
     batch = task_collate([data[i] for i in range(len(data))])
-    opt = torch.optim.AdamW(task.parameters(), lr=5e-4)
-    losses = []
-    for _ in range(60):
-        out = task(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(float(out["loss"].detach()))
+    losses, out = fit_full_batch(task, batch, 60, lr=5e-4)
     pred = predictions(task, data, batch_size=3)  # batches of 3 examples = 6 rows
     metrics = nlvr2_metrics(pred, recs)
     assert pred.shape == (8,)

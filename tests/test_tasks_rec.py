@@ -17,7 +17,7 @@ from vlp.models.model import VLModel
 from vlp.tasks.common import predictions, task_collate
 from vlp.tasks.rec import RECDataset, RECTask, box_iou, rec_loss, rec_metrics, region_targets
 from vlp.types import PairOutput
-from conftest import tiny_albef
+from conftest import tiny_albef, fit_full_batch
 
 SIZE = 32
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
@@ -241,14 +241,7 @@ def test_rec_learns_coloured_squares(tok):
     task = RECTask(tiny_albef(tok), dropout=0.0)
     data = RECDataset(recs, SquareImages(), tok, max_len=8)
     batch = task_collate([data[i] for i in range(len(data))])
-    opt = torch.optim.AdamW(task.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(40):
-        out = task(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(float(out["loss"].detach()))
+    losses, out = fit_full_batch(task, batch, 40, lr=1e-3)
     assert losses[-1] < 0.3 * losses[0], losses
     gt = rec_metrics(data.chosen_boxes(predictions(task, data, batch_size=5)), recs)
     det_data = RECDataset(recs, SquareImages(), tok, max_len=8, boxes="proposals")
