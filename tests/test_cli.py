@@ -96,6 +96,14 @@ def test_console_script_help():
     assert out.returncode == 0 and "pretrain" in out.stdout and "demo" in out.stdout
 
 
+def test_downstream_table_refuses_unknown_tasks_before_training(tmp_path):
+    from vlp.api import downstream_table
+
+    with pytest.raises(ValueError, match="unknown task.*captioning"):
+        downstream_table([("scratch", None)], ["ve", "captioning"], tmp_path)
+    assert not (tmp_path / "scratch").exists()  # nothing was fine-tuned
+
+
 def test_demo_prints_table(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), *TINY, "--set", "task.train_size=32",
                  "--set", "task.eval_size=12"]) == 0

@@ -342,13 +342,14 @@ def downstream_table(starts: list[tuple[str, str | Path | None]], tasks: tuple[s
     """
     from vlp.finetune import finetune
 
+    unknown = [task for task in tasks if task not in DOWNSTREAM_METRICS]
+    if unknown:  # before any fine-tuning starts
+        raise ValueError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(DOWNSTREAM_METRICS)})")
     out_dir = Path(out_dir)
     rows: list[dict[str, Any]] = []
     for name, checkpoint in starts:
         row: dict[str, Any] = {"start": name}
         for task in tasks:
-            if task not in DOWNSTREAM_METRICS:
-                raise ValueError(f"unknown task '{task}' (known: {', '.join(DOWNSTREAM_METRICS)})")
             begin = time.time()
             run = finetune(task, checkpoint, overrides=[f"train.out_dir={out_dir / name / task}",
                                                         "train.progress=false", *(overrides or [])])
