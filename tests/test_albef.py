@@ -32,7 +32,7 @@ TINY = {
 
 
 def make_cfg(**method) -> RunConfig:
-    return build_config({"model": TINY, "method": method})
+    return build_config({"model": TINY, "method": {"name": "albef", **method}})
 
 
 def make_method(seed: int = 0, **method) -> Albef:

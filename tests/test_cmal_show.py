@@ -1,10 +1,10 @@
-"""`vlp cmal show`: the described prompt agrees with CMAL's anchor / partner / masking functions called
+"""`vlp show cmal`: the described prompt agrees with CMAL's anchor / partner / masking functions called
 directly, the figure is drawn where the description says, and the CLI works and fails cleanly.
 
 The reference in `direct_prompt` is computed from the public pieces (`detect_anchors`, `sample_partner`,
 `anchor_mask`, `keyed_uniform` with CMAL's salts, the trainer's key formula), not through `Cmal.mask`,
 and the "last pointing token wins" region fill is a plain Python loop, so a wrong key, salt, region
-offset or swap direction in `vlp.api.cmal_prompt_view` shows up as a mismatch.
+offset or swap direction in `vlp.figures.cmal_prompt.cmal_prompt_view` shows up as a mismatch.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from vlp import api
+from vlp.figures import cmal_prompt
 from vlp.cli.main import main
 from vlp.config import dump_config
 from vlp.data.datasets import PairDataset, collate
@@ -25,7 +26,7 @@ from vlp.models.anchors import build_lexicon, detect_anchors, sample_partner
 from vlp.models.losses import IGNORE_INDEX
 from vlp.models.rng import keyed_uniform
 from vlp.train.checkpoint import save_model_weights
-from vlp.viz import CmalPromptRegion, CmalPromptToken, CmalPromptView, plot_cmal_prompt
+from vlp.figures.cmal_prompt import CmalPromptRegion, CmalPromptToken, CmalPromptView, plot_cmal_prompt
 
 # cmal_tiny on a 60-image train split: same scenes as the full config (samples are a pure function of
 # (seed, split, index)), but the tokenizer trains on 60 scenes instead of 2000 (fast).
@@ -41,7 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def built():
-    cfg, tokenizer, method, data = api.build_cmal_show("cmal_tiny", None, SMALL, "train", 0, 0)
+    cfg, tokenizer, method, data = cmal_prompt.build_cmal_show("cmal_tiny", None, SMALL, "train", 0, 0)
     return SimpleNamespace(cfg=cfg, tok=tokenizer, method=method, data=data)
 
 
@@ -72,7 +73,7 @@ def direct_prompt(built, index: int, caption: int, seed: int) -> SimpleNamespace
 
 @pytest.mark.parametrize("index,caption,seed", CASES)
 def test_view_agrees_with_direct_anchor_computation(built, index, caption, seed):
-    view = api.cmal_prompt_view(built.method, built.tok, built.data, index, caption, seed,
+    view = cmal_prompt.cmal_prompt_view(built.method, built.tok, built.data, index, caption, seed,
                                 built.cfg.data.max_text_len)
     ref = direct_prompt(built, index, caption, seed)
     piece = built.tok.backend.id_to_token
@@ -121,7 +122,7 @@ def test_view_agrees_with_direct_anchor_computation(built, index, caption, seed)
 
 
 def test_last_pointing_token_wins_case_is_covered(built):
-    view = api.cmal_prompt_view(built.method, built.tok, built.data, 3, 3, 1, built.cfg.data.max_text_len)
+    view = cmal_prompt.cmal_prompt_view(built.method, built.tok, built.data, 3, 3, 1, built.cfg.data.max_text_len)
     shared = [r for r in view.regions if len(r.pointing) > 1]
     assert shared, "train[3] caption 3 seed 1 should have two anchor tokens sharing one partner region"
     for region in shared:
@@ -130,13 +131,13 @@ def test_last_pointing_token_wins_case_is_covered(built):
 
 def test_seed_picks_the_key_and_changes_the_masks(built):
     def signature(seed: int) -> tuple:
-        view = api.cmal_prompt_view(built.method, built.tok, built.data, 0, 1, seed, built.cfg.data.max_text_len)
+        view = cmal_prompt.cmal_prompt_view(built.method, built.tok, built.data, 0, 1, seed, built.cfg.data.max_text_len)
         return (tuple((t.kind, t.partner, t.after) for t in view.tokens), tuple(r.status for r in view.regions))
 
     signatures = [signature(seed) for seed in range(4)]
     assert signatures[0] == signature(0)  # deterministic
     assert len(set(signatures)) > 1
-    assert api.cmal_sample_key(7, seed=3) == 3 * KEY_STRIDE + 7
+    assert cmal_prompt.cmal_sample_key(7, seed=3) == 3 * KEY_STRIDE + 7
 
 
 def _pixel(png: Image.Image, xy: tuple[int, int]) -> tuple[int, int, int]:
@@ -144,7 +145,7 @@ def _pixel(png: Image.Image, xy: tuple[int, int]) -> tuple[int, int, int]:
 
 
 def test_png_draws_each_region_in_its_style(built, tmp_path):
-    view = api.cmal_prompt_view(built.method, built.tok, built.data, 0, 0, 0, built.cfg.data.max_text_len,
+    view = cmal_prompt.cmal_prompt_view(built.method, built.tok, built.data, 0, 0, 0, built.cfg.data.max_text_len,
                                 title="test")
     assert {r.status for r in view.regions} == {"anchor", "masked", "plain"}  # train[0] seed 0 has all three
     layout = plot_cmal_prompt(view, tmp_path / "prompt.png", image_px=256)
@@ -180,7 +181,7 @@ def test_plot_rejects_an_anchor_token_without_anchor_region(tmp_path):
 
 def test_cli_writes_png(tmp_path, capsys):
     out = tmp_path / "cmal.png"
-    code = main(["cmal", "show", "--index", "3", "--caption", "3", "--seed", "1", "--out", str(out),
+    code = main(["show", "cmal", "--index", "3", "--caption", "3", "--seed", "1", "--out", str(out),
                  *[arg for o in SMALL for arg in ("--set", o)]])
     assert code == 0
     assert f"wrote {out}" in capsys.readouterr().out
@@ -196,13 +197,13 @@ def test_cli_from_checkpoint_directory(built, tmp_path, capsys):
     built.tok.save(ckpt / "tokenizer.json")
     save_model_weights(built.method, ckpt / "model.safetensors")
     out = tmp_path / "from_ckpt.png"
-    assert main(["cmal", "show", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert main(["show", "cmal", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
     assert out.is_file() and Image.open(out).size[1] >= 256
 
 
 def test_cli_bad_index_is_a_clear_error(tmp_path, capsys):
     out = tmp_path / "never.png"
-    code = main(["cmal", "show", "--index", "60", "--out", str(out), *[a for o in SMALL for a in ("--set", o)]])
+    code = main(["show", "cmal", "--index", "60", "--out", str(out), *[a for o in SMALL for a in ("--set", o)]])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ")
     assert "--index 60 is out of range" in err and "60 images" in err and "0..59" in err
@@ -210,5 +211,5 @@ def test_cli_bad_index_is_a_clear_error(tmp_path, capsys):
 
 
 def test_cli_refuses_a_non_cmal_config(tmp_path, capsys):
-    assert main(["cmal", "show", "--config", "albef_tiny", "--out", str(tmp_path / "x.png")]) == 2
+    assert main(["show", "cmal", "--config", "albef_tiny", "--out", str(tmp_path / "x.png")]) == 2
     assert "method.name: cmal" in capsys.readouterr().err

@@ -1,8 +1,15 @@
-"""Config validation: unknown keys name the closest valid key, missing files name the path."""
+"""Config validation: unknown keys name the closest valid key, missing files name the path; the `method`
+section is a tagged union on `method.name` (each method's own section class, `vlp.methods`)."""
 
 import pytest
 
-from vlp.config import ConfigError, build_config, dump_config, load_config
+from pathlib import Path
+
+import vlp.methods  # noqa: F401  (registers the shipped methods' config sections)
+from vlp.config import METHOD_CONFIGS, ConfigError, MethodConfig, build_config, dump_config, load_config
+from vlp.methods import METHODS
+
+LEGACY = Path(__file__).parent / "data" / "legacy_v0_1"
 
 
 def test_shipped_configs_load():
@@ -28,7 +35,7 @@ def test_unknown_key_names_closest():
     with pytest.raises(ConfigError, match=r"unknown config key 'train\.stpes'; did you mean 'train\.steps'"):
         build_config({"train": {"stpes": 3}})
     with pytest.raises(ConfigError, match=r"did you mean 'method\.mlm_prob'"):
-        build_config({}, ["method.mlm_prb=0.2"])
+        build_config({"method": {"name": "albef"}}, ["method.mlm_prb=0.2"])
     with pytest.raises(ConfigError, match=r"unknown model size 'tinny'.*did you mean 'tiny'"):
         build_config({"model": "tinny"})
 
@@ -51,3 +58,46 @@ def test_dump_roundtrip(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
+
+
+def test_every_registered_method_has_its_own_section():
+    assert set(METHOD_CONFIGS) == set(METHODS)
+    for name, cls in METHODS.items():
+        cfg = build_config({"method": {"name": name}})
+        assert type(cfg.method) is cls.config_class and issubclass(cls.config_class, MethodConfig)
+        assert cfg.method.name == name
+
+
+def test_a_key_of_another_method_names_the_method_it_belongs_to():
+    with pytest.raises(ConfigError, match=r"'method\.region_mask_prob' belongs to method 'cmal', not to method\.name "
+                                          r"'albef'.*set method\.name: cmal"):
+        load_config("albef_tiny", ["method.region_mask_prob=0.3"])
+    with pytest.raises(ConfigError, match=r"'method\.queue_size' belongs to method 'albef'"):
+        load_config("cmal_tiny", ["method.queue_size=16"])
+    with pytest.raises(ConfigError, match=r"unknown method\.name 'albf'.*did you mean 'albef'"):
+        build_config({"method": {"name": "albf"}})
+    with pytest.raises(ConfigError, match=r"the method section needs a name"):
+        build_config({"method": {"mlm_prob": 0.2}})
+
+
+def test_sections_dump_only_their_own_keys():
+    albef = dump_config(load_config("albef_tiny"))
+    cmal = dump_config(load_config("cmal_tiny"))
+    assert "queue_size" in albef and "region_mask_prob" not in albef
+    assert "region_mask_prob" in cmal and "queue_size" not in cmal
+
+
+@pytest.mark.parametrize("name", ["albef", "cmal"])
+def test_v0_1_flat_method_dumps_still_load(name):
+    """config.yaml of a v0.1 checkpoint holds every method's keys in one flat section; it loads, keeping the
+    keys of its own method with their values (the v0.1 code ignored the others)."""
+    path = LEGACY / name / "config.yaml"
+    cfg = load_config(path)
+    assert cfg.method.name == name and type(cfg.method) is METHODS[name].config_class
+    if name == "albef":
+        assert cfg.method.momentum_distill is True and cfg.method.queue_size == 32
+    else:
+        assert cfg.method.max_regions == 8
+    partial = {"name": name, "mlm_prob": 0.2, "region_mask_prob": 0.3, "queue_size": 0}  # not a full v0.1 dump
+    with pytest.raises(ConfigError, match="belongs to method"):
+        build_config({"method": partial})

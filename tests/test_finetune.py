@@ -54,7 +54,7 @@ def test_finetune_from_a_cmal_checkpoint(tmp_path):
 def test_finetune_errors(tmp_path, capsys):
     assert main(["finetune", "ve", "--checkpoint", str(tmp_path / "missing"), *TINY]) == 2
     assert "checkpoint directory not found" in capsys.readouterr().err
-    assert main(["finetune", "ve", "--data", "easy-vqa", *TINY]) == 2
+    assert main(["finetune", "ve", "--data", "easy-vqa", "--out", str(tmp_path / "ve"), *TINY]) == 2
     assert "easy-vqa" in capsys.readouterr().err
 
 

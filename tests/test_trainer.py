@@ -548,3 +548,52 @@ def test_missing_checkpoint_errors_name_the_path(tmp_path):
         load_checkpoint(tmp_path / "run", toy(0))
     with pytest.raises(CheckpointError, match="not in the model"):
         load_model_weights(tmp_path / "run", LinearToy())
+
+
+# ------------------------------------------------------------------------- progress lines, DDP flags
+def test_format_eta_and_progress_line():
+    from vlp.train.loop import format_eta, progress_line
+
+    assert [format_eta(s) for s in (0, 42.4, 185, 3725, -1, float("nan"))] == ["0s", "42s", "3m05s", "1h02m05s",
+                                                                                "?", "?"]
+    line = progress_line("albef", 40, 350, 3.21404, 9.8e-4, 112.34, 161)
+    assert line == "[albef] step 40/350 loss 3.2140 lr 9.8e-04 112.3 samples/s ETA 2m41s"
+
+
+def test_progress_lines_on_non_tty_stderr(tmp_path, capfd):
+    cfg = make_cfg(steps=7, log_every=3, ckpt_every=0, progress=True)
+    Trainer(cfg, toy(0), ToyData(), collate, tmp_path / "albef").fit()
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    pattern = (r"\[albef\] step (\d+)/7 loss \d+\.\d{4} lr \d\.\de[-+]\d\d \d+\.\d samples/s "
+               r"ETA (\d+s|\d+m\d\ds|\d+h\d\dm\d\ds)")
+    assert len(lines) == 3, err  # steps 3, 6 and the last (7)
+    matches = [re.fullmatch(pattern, line) for line in lines]
+    assert all(matches), lines
+    assert [int(m.group(1)) for m in matches] == [3, 6, 7]
+    assert matches[-1].group(2) == "0s"
+
+
+def test_no_progress_lines_when_progress_false(tmp_path, capfd):
+    cfg = make_cfg(steps=4, log_every=1, ckpt_every=0, progress=False)
+    Trainer(cfg, toy(0), ToyData(), collate, tmp_path / "run").fit()
+    assert "step" not in capfd.readouterr().err
+
+
+def test_find_unused_parameters_follows_the_method_declaration(tmp_path):
+    class NoneUnused(LinearToy):
+        def unused_parameters(self) -> set[str]:
+            return set()
+
+    class SomeUnused(LinearToy):
+        def __init__(self) -> None:
+            super().__init__()
+            self.spare = nn.Linear(2, 2)
+
+        def unused_parameters(self) -> set[str]:
+            return {"spare.weight", "spare.bias"}
+
+    cfg = make_cfg(steps=2)
+    flags = [Trainer(cfg, m, ToyData(), collate, tmp_path).find_unused_parameters
+             for m in (NoneUnused(), SomeUnused(), LinearToy())]
+    assert flags == [False, True, True]

@@ -74,11 +74,11 @@ def test_loss_curve_errors(tmp_path):
 def test_wrap_to_width():
     from PIL import ImageFont
 
-    from vlp.viz import _wrap_to_width
+    from vlp.viz import wrap_to_width
 
     font = ImageFont.load_default()
     text = "a red circle left of a blue star and a supercalifragilisticexpialidociousword"
-    lines = _wrap_to_width(text, font, 60)
+    lines = wrap_to_width(text, font, 60)
     assert len(lines) > 2 and all(font.getlength(line) <= 60 for line in lines)
     assert "".join(lines).replace(" ", "") == text.replace(" ", "")
 

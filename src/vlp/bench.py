@@ -10,6 +10,7 @@ encoders, three ITM fusion passes and the MLM pass), so no per-method formula ca
 from __future__ import annotations
 
 import resource
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +24,7 @@ from vlp.data.datasets import PairDataset, collate
 from vlp.data.world import World
 from vlp.methods import build_method
 from vlp.models.model import VLModel
+from vlp.train.loop import Trainer
 from vlp.types import Batch
 
 
@@ -68,6 +70,9 @@ def bench_train_step(
     A method that samples one task per step (CMAL `task_mixing: ratio`) is timed over `steps` consecutive
     steps of its task schedule, so the mean step time is the one training sees (use enough steps for the
     mix to show: the ratio 1:3:2 needs ~12+); FLOPs are counted on the first step's task.
+
+    The step timed is the trainer's own (`Trainer.train_step`: autocast, GradScaler, gradient
+    accumulation and clipping, LR schedule, `on_step_end`), built from the config's `train` section.
     """
     cfg = load_config(config, overrides)
     device = torch.device(cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -76,32 +81,29 @@ def bench_train_step(
     torch.manual_seed(0)
     model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
     method = build_method(cfg, model, tokenizer, class_words=world_class_words()).to(device)  # a world batch
-    optimizer = torch.optim.AdamW(method.parameters(), lr=1e-4)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    # The trainer's step on the one batch: the global batch is this batch; the schedule covers every call.
+    cfg.train.batch_size = batch_size
+    cfg.train.steps = max(cfg.train.steps, steps + warmup + 1)
+    cfg.train.tensorboard = False
+    cfg.train.progress = False
+    with tempfile.TemporaryDirectory(prefix="vlp-bench-") as out_dir:
+        trainer = Trainer(cfg, method, list(range(batch_size)), lambda items: batch, out_dir=out_dir)
+        dtype = trainer.amp_dtype
+        method.train()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
 
-    def one_step() -> float:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = method(batch)
-        out["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if hasattr(method, "on_step_end"):
-            method.on_step_end()
-        return float(out["loss"].detach())
-
-    with FlopCounterMode(display=False) as counter:
-        one_step()
-    step_flops = counter.get_total_flops()
-    for _ in range(warmup):
-        one_step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        one_step()
-    _sync(device)
-    step_s = (time.perf_counter() - start) / steps
+        with FlopCounterMode(display=False) as counter:
+            trainer.train_step(batch)
+        step_flops = counter.get_total_flops()
+        for _ in range(warmup):
+            trainer.train_step(batch)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(batch)
+        _sync(device)
+        step_s = (time.perf_counter() - start) / steps
     result = {
         "config": str(config),
         "method": cfg.method.name,

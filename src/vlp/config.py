@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODEL_SIZE_DIR = CONFIG_DIR / "models"
@@ -27,12 +27,12 @@ class ConfigError(ValueError):
     """A configuration problem, phrased so the user knows what to change."""
 
 
-class _Strict(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # ----------------------------------------------------------------------------------------- model
-class VisionConfig(_Strict):
+class VisionConfig(Section):
     image_size: int = 64
     patch_size: int = 8
     width: int = 128
@@ -42,7 +42,7 @@ class VisionConfig(_Strict):
     dropout: float = 0.0
 
 
-class TextConfig(_Strict):
+class TextConfig(Section):
     vocab_size: Optional[int] = None  # None: taken from the tokenizer at build time
     width: int = 128
     depth: int = 2
@@ -55,7 +55,7 @@ class TextConfig(_Strict):
     dropout: float = 0.0
 
 
-class FusionConfig(_Strict):
+class FusionConfig(Section):
     type: Literal["cross", "single"] = "cross"  # ALBEF cross-attention | single-stream (UNITER/CMAL)
     depth: int = 2
     heads: int = 4
@@ -63,7 +63,7 @@ class FusionConfig(_Strict):
     dropout: float = 0.0
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Section):
     name: str = "custom"
     embed_dim: int = 64  # ITC projection dimension
     temperature: float = 0.07  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
@@ -74,50 +74,71 @@ class ModelConfig(_Strict):
 
 
 # ---------------------------------------------------------------------------------------- method
-class LossWeights(_Strict):
-    itc: float = 1.0
-    itm: float = 1.0
-    mlm: float = 1.0
+class MethodConfig(Section):
+    """Base of every pre-training method's `method` section: a tagged union on `name`.
+
+    Each method declares its own subclass next to its code (`vlp/methods/<name>.py`, e.g.
+    `AlbefConfig(MethodConfig)` with `name: Literal["albef"] = "albef"` and its fields) and the method
+    registry (`vlp.methods`) registers it here with `register_method_config`; `build_config` validates the
+    section against the class its `name` selects, so a key of another method is an error naming the method
+    it belongs to. `name: none` (this base class, no fields) is a run without a pre-training method
+    (e.g. a trainer test); it is never registered.
+    """
+
+    name: str = "none"
 
 
-class TaskMix(_Strict):
-    """Per-task numbers for CMAL (cmal.md §8.3): sampling ratios or loss weights of ITM, AMC, WRC."""
+# name -> the section class of a registered method (filled by `vlp.methods` at import)
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
 
-    itm: float = 1.0
-    amc: float = 3.0
-    wrc: float = 2.0
+# The one flat `method` section of v0.1 (before sections per method): every run directory / checkpoint
+# config.yaml written by v0.1 holds ALL of these keys, whatever the method. Such a dump (and only such a
+# dump: a hand-written config never holds all of them) is read by dropping the keys the named method's
+# section does not have (v0.1 ignored them too), so checkpoints of v0.1 still load (`_legacy_method`).
+LEGACY_FLAT_METHOD_KEYS = frozenset({
+    "name", "mlm_prob", "itm_hard_negatives", "momentum_distill", "momentum", "queue_size", "distill_alpha",
+    "loss_weights", "region_mask_prob", "unimodal_layers", "umse_norm", "task_mixing", "task_ratio",
+    "task_weights", "itm_neg_prob", "wrc_temperature", "wrc_faithful", "max_regions", "whole_image_region",
+    "region_feat_dim", "grid_regions",
+})
 
 
-class MethodConfig(_Strict):
-    name: Literal["albef", "cmal"] = "albef"
-    mlm_prob: float = 0.15
-    itm_hard_negatives: bool = True
-    momentum_distill: bool = False
-    momentum: float = 0.995
-    queue_size: int = 0  # 0 = no queue; ALBEF uses 65536
-    distill_alpha: float = 0.4
-    loss_weights: LossWeights = Field(default_factory=LossWeights)
-    # CMAL (cmal.md §5, §8, §11; see vlp.methods.cmal) -- ignored by other methods
-    region_mask_prob: float = 0.25  # non-anchor regions masked in AMC (hard-coded 0.25 in the code)
-    unimodal_layers: int = 0  # UMSE Transformer layers per modality before the swap; 0 = code-faithful
-    umse_norm: Literal["none", "sphere"] = "sphere"  # none = code-faithful (quirk 4); sphere = both on radius sqrt(d)
-    task_mixing: Literal["ratio", "sum"] = "ratio"  # ratio: one task per step (UNITER); sum: weighted sum
-    task_ratio: TaskMix = Field(default_factory=TaskMix)  # ITM:AMC:WRC = 1:3:2 [CODE]
-    task_weights: TaskMix = Field(default_factory=TaskMix)  # 'sum' mode, normalised by their sum
-    itm_neg_prob: float = 0.5  # UNITER ITM: share of rows whose image is replaced
-    wrc_temperature: float = 0.07  # initial WRC tau (learnable, clamped to [0.001, 0.5])
-    wrc_faithful: bool = False  # true = code's WRC normalisation (padding in softmax, / L_t*N; quirk 2)
-    max_regions: int = 100  # BUTD max_bb
-    whole_image_region: bool = False  # prepend a [0,0,1,1] region with label 0 (our addition)
-    # Region inputs (vlp.methods.cmal, README "Region inputs"): input dim D of the region embedding.
-    # 0 = the ViT width (features RoI-pooled from the ViT grid); precomputed detector features
-    # (data.source: regions) need their D here (BUTD: 2048) so the model is built before data is read.
-    region_feat_dim: int = 0
-    grid_regions: int = 3  # images without boxes: a g x g grid of cells as regions (label 0, no anchors)
+def register_method_config(section: type[MethodConfig]) -> type[MethodConfig]:
+    """Register a method's config section under the default of its `name` field (idempotent)."""
+    name = section.model_fields["name"].default
+    if not isinstance(name, str) or name == "none":
+        raise ValueError(f"{section.__name__}.name needs a literal default naming the method, got {name!r}")
+    known = METHOD_CONFIGS.get(name)
+    if known is not None and known is not section:
+        raise ValueError(f"method name {name!r} is already registered by {known.__name__}")
+    METHOD_CONFIGS[name] = section
+    return section
+
+
+def method_config_class(name: str) -> type[MethodConfig]:
+    """The section class of method `name` (ConfigError naming the known methods otherwise)."""
+    if name == "none":
+        return MethodConfig
+    if name not in METHOD_CONFIGS:
+        known = sorted(METHOD_CONFIGS)
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        where = "" if known else " (no method is registered: import vlp.methods, which registers the shipped ones)"
+        raise ConfigError(f"unknown method.name '{name}' (known: {', '.join(known) or 'none'}){hint}{where}")
+    return METHOD_CONFIGS[name]
+
+
+def _legacy_method(section: dict) -> dict:
+    """A v0.1 flat `method` dump (it holds every key of `LEGACY_FLAT_METHOD_KEYS`) reduced to the keys its
+    method's section has; anything else is returned unchanged."""
+    if not LEGACY_FLAT_METHOD_KEYS <= set(section):
+        return section
+    fields = method_config_class(str(section["name"])).model_fields
+    return {k: v for k, v in section.items() if k in fields}
 
 
 # ------------------------------------------------------------------------------------------ data
-class DataConfig(_Strict):
+class DataConfig(Section):
     # world = the embedded world; regions = captions + precomputed detector features (BUTD/UNITER npz,
     # no images); karpathy = captions JSON + image folder, no boxes (CMAL uses grid cells). See
     # vlp.data.regions.open_pretrain_source.
@@ -143,7 +164,7 @@ class DataConfig(_Strict):
 
 
 # ----------------------------------------------------------------------------------------- train
-class TrainConfig(_Strict):
+class TrainConfig(Section):
     steps: int = 200
     batch_size: int = 64  # global batch (split across ranks and accumulation micro-batches)
     grad_accum: int = 1
@@ -164,7 +185,7 @@ class TrainConfig(_Strict):
     progress: bool = True
 
 
-class EvalConfig(_Strict):
+class EvalConfig(Section):
     split: Literal["val", "test", "compositional"] = "test"
     num_images: int = 200
     k_rerank: int = 16  # ITC top-k re-ranked by ITM; 0 = ITC only
@@ -174,7 +195,7 @@ class EvalConfig(_Strict):
     itm_all: bool = False
 
 
-class TaskConfig(_Strict):
+class TaskConfig(Section):
     """Downstream fine-tuning (`vlp finetune TASK`, vlp.finetune): which task, which data, which start."""
 
     name: Literal["retrieval", "ve", "rec", "vqa", "nlvr2"] = "ve"
@@ -206,9 +227,9 @@ class TaskConfig(_Strict):
     dropout: float = 0.1  # head dropout
 
 
-class RunConfig(_Strict):
+class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: SerializeAsAny[MethodConfig] = Field(default_factory=MethodConfig)  # the section of method.name
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -275,19 +296,35 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-def _friendly(err: ValidationError, source: str) -> ConfigError:
-    valid = _valid_keys(RunConfig)
+def _foreign_owner(dotted: str, name: str) -> Optional[str]:
+    """The registered method (other than `name`) whose section has the `method.`-relative key `dotted`."""
+    for other, section in sorted(METHOD_CONFIGS.items()):
+        if other != name and dotted in _valid_keys(section):
+            return other
+    return None
+
+
+def _friendly(err: ValidationError, source: str, section: type[BaseModel] = None, prefix: str = "",
+              method: str = "") -> ConfigError:
+    """`err` of validating `section` (default: the whole RunConfig) as one ConfigError line per problem:
+    unknown keys with the closest valid one, keys of another method naming it, wrong values with the input."""
+    valid = _valid_keys(section or RunConfig, prefix)
     lines = []
     for item in err.errors():
-        dotted = ".".join(str(p) for p in item["loc"])
+        dotted = prefix + ".".join(str(p) for p in item["loc"])
         if item["type"] == "extra_forbidden":
+            owner = _foreign_owner(dotted[len(prefix):], method) if prefix == "method." else None
+            if owner is not None:
+                lines.append(f"config key '{dotted}' belongs to method '{owner}', not to method.name '{method}': "
+                             f"remove it, or set method.name: {owner}")
+                continue
             close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
             if not close:  # compare the leaf name within the same section
-                section = dotted.rsplit(".", 1)[0] + "." if "." in dotted else ""
+                parent = dotted.rsplit(".", 1)[0] + "." if "." in dotted else ""
                 leaf = dotted.rsplit(".", 1)[-1]
-                siblings = [k for k in valid if k.startswith(section) and "." not in k[len(section):]]
-                leaves = difflib.get_close_matches(leaf, [k[len(section):] for k in siblings], n=1, cutoff=0.4)
-                close = [section + leaves[0]] if leaves else []
+                siblings = [k for k in valid if k.startswith(parent) and "." not in k[len(parent):]]
+                leaves = difflib.get_close_matches(leaf, [k[len(parent):] for k in siblings], n=1, cutoff=0.4)
+                close = [parent + leaves[0]] if leaves else []
             hint = f"; did you mean '{close[0]}'?" if close else ""
             lines.append(f"unknown config key '{dotted}'{hint}")
         else:
@@ -295,8 +332,33 @@ def _friendly(err: ValidationError, source: str) -> ConfigError:
     return ConfigError(f"{source}: " + "; ".join(lines))
 
 
+def _method_section(raw: Any, source: str) -> MethodConfig:
+    """The `method` mapping validated against the section class its `name` selects (a v0.1 flat dump is
+    reduced first, `_legacy_method`)."""
+    if isinstance(raw, MethodConfig):
+        return raw
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: config key 'method' must be a mapping with a name, got {raw!r}")
+    if raw and "name" not in raw:
+        raise ConfigError(f"{source}: the method section needs a name (method.name: one of "
+                          f"{', '.join(sorted(METHOD_CONFIGS)) or 'the registered methods'}); its other keys depend on it")
+    name = str(raw.get("name", "none"))
+    try:
+        section = method_config_class(name)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    raw = _legacy_method(raw)
+    try:
+        return section.model_validate(raw)
+    except ValidationError as err:
+        raise _friendly(err, source, section, "method.", name) from None
+
+
 def build_config(raw: dict, overrides: list[str] | None = None, source: str = "config") -> RunConfig:
-    """Validate a raw mapping (+ `key=value` overrides) into a `RunConfig`."""
+    """Validate a raw mapping (+ `key=value` overrides) into a `RunConfig`; the `method` section is
+    validated against the class its `name` selects (`MethodConfig`)."""
     raw = dict(raw)
     for item in overrides or []:
         if "=" not in item:
@@ -310,6 +372,7 @@ def build_config(raw: dict, overrides: list[str] | None = None, source: str = "c
         base = model_size(str(model["size"]))
         rest = {k: v for k, v in model.items() if k != "size"}
         raw["model"] = _deep_merge(base, rest)
+    raw["method"] = _method_section(raw.get("method"), source)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:

@@ -1,4 +1,4 @@
-"""`vlp` command line: pretrain, eval, world show, cmal show, bench, demo.
+"""`vlp` command line: pretrain, eval, finetune, world show, show METHOD, bench, demo.
 
 Every command is a thin shell over `vlp.api`. User mistakes (bad config key, missing file,
 incompatible checkpoint, corrupt image) print one `error: ...` line naming the thing and the fix,
@@ -25,7 +25,7 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
 
 
 DOWNSTREAM = {
-    "retrieval": "recall@1/5/10 (ITC + ITM re-ranked, or ITM over all pairs for CMAL) + hard negatives",
+    "retrieval": "recall@1/5/10 by the method's protocols (ITC, ITC + ITM re-ranked, ITM over all pairs) + hard negatives",
     "ve": "SNLI-VE accuracy",
     "rec": "REC accuracy at IoU >= 0.5, ground-truth boxes and proposals",
     "vqa": "official VQA accuracy",
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pre-train a method (YAML config; works under torchrun)")
-    p.add_argument("--config", required=True, help="YAML file, or a shipped config name (albef_tiny, albef_base)")
+    p.add_argument("--config", required=True, help="YAML file, or a shipped config name (e.g. albef_tiny)")
     p.add_argument("--method", default=None, help="shorthand for --set method.name=NAME")
     p.add_argument("--out", default=None, help="shorthand for --set train.out_dir=DIR")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue exactly from a run or checkpoint directory")
@@ -85,17 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="show downstream-task records with their labels (VE, REC, VQA, NLVR2) instead of captions",
     )
 
-    c = sub.add_parser("cmal", help="inspect CMAL's anchors and associative prompt")
-    csub = c.add_subparsers(dest="cmal_command", required=True)
-    cs = csub.add_parser("show", help="PNG of one sample's anchors, masked tokens/regions and the swap (training code path)")
-    cs.add_argument("--config", default="cmal_tiny", help="CMAL config (YAML or shipped name); ignored with --checkpoint")
-    cs.add_argument("--checkpoint", default=None, metavar="DIR", help="rebuild config + tokenizer (+ model) from a checkpoint")
-    cs.add_argument("--split", default="train", choices=["train", "val", "test", "compositional", "unpaired_images"])
-    cs.add_argument("--index", type=int, default=0, help="image index in the split")
-    cs.add_argument("--caption", type=int, default=0, help="which of the image's captions (0-4)")
-    cs.add_argument("--seed", type=int, default=0, help="picks the sample key (train.seed of the run): other masks")
-    cs.add_argument("--out", default="cmal_prompt.png")
-    _add_set(cs)
+    c = sub.add_parser("show", help="a method's inspection figure (e.g. `vlp show cmal`: CMAL's associative prompt)")
+    c.add_argument("method", help="a registered method with a figure (its class's `figure`)")
+    c.add_argument("--config", default=None, help="config (YAML or shipped name; default: the figure's own); "
+                                                  "ignored with --checkpoint")
+    c.add_argument("--checkpoint", default=None, metavar="DIR", help="rebuild config + tokenizer (+ model) from a checkpoint")
+    c.add_argument("--split", default="train", choices=["train", "val", "test", "compositional", "unpaired_images"])
+    c.add_argument("--index", type=int, default=0, help="image index in the split")
+    c.add_argument("--caption", type=int, default=0, help="which of the image's captions (0-4)")
+    c.add_argument("--seed", type=int, default=0, help="picks the sample key (train.seed of the run): other masks")
+    c.add_argument("--out", default=None, help="PNG path (default: <method>_figure.png)")
+    _add_set(c)
 
     b = sub.add_parser("bench", help="measure step throughput, MFU, memory, or world rendering speed")
     bsub = b.add_subparsers(dest="bench_command", required=True)
@@ -109,9 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--image-size", type=int, default=64)
     bw.add_argument("--count", type=int, default=200)
 
-    d = sub.add_parser("demo", help="pre-train the tiny baseline and CMAL on the world, fine-tune both and a "
+    d = sub.add_parser("demo", help="pre-train the registered methods' demo configs on the world, fine-tune each and a "
                                     "from-scratch model briefly, print the tables")
     d.add_argument("--out", default="runs/demo")
+    d.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help="registered methods to pre-train (default: those whose class is in the demo by default)")
     d.add_argument("--tasks", nargs="*", default=None, choices=list(DOWNSTREAM),
                    help="downstream tasks of the compact fine-tuning table (default: ve rec vqa; "
                         "--tasks with none: the pre-training table only)")
@@ -153,8 +155,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"run directory: {run_dir}")
         return 0
     if args.command == "finetune":
-        from vlp.finetune import finetune
-
         overrides = list(args.overrides)
         if args.data == "easy-vqa":  # the packaged set has train and test only
             overrides += ["task.data=easy-vqa", "task.eval_splits=[test]"]
@@ -164,15 +164,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             overrides.append(f"train.out_dir={args.out}")
         if args.skip_bad:
             overrides.append("task.skip_bad=true")
-        run_dir = finetune(args.task, args.checkpoint, args.config, overrides)
+        run_dir = api.finetune(args.task, args.checkpoint, args.config, overrides)
         metrics = json.loads((run_dir / "eval.json").read_text())
         print(format_table([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"]))
         print(f"run directory: {run_dir}")
         return 0
     if args.command == "eval" and args.task != "retrieval":
-        from vlp.finetune import evaluate_task
-
-        metrics = evaluate_task(args.run, args.overrides)
+        metrics = api.evaluate_task(args.run, args.overrides)
         print(format_table([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"]))
         return 0
     if args.command == "eval":
@@ -188,9 +186,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         out = api.show_world(args.out, args.split, args.count, args.image_size, args.seed, task=args.task)
         print(f"wrote {out}")
         return 0
-    if args.command == "cmal":
-        out = api.show_cmal(args.out, config=args.config, checkpoint=args.checkpoint, split=args.split,
-                            index=args.index, seed=args.seed, overrides=args.overrides, caption=args.caption)
+    if args.command == "show":
+        options = {"checkpoint": args.checkpoint, "split": args.split, "index": args.index, "seed": args.seed,
+                   "overrides": args.overrides, "caption": args.caption}
+        if args.config is not None:
+            options["config"] = args.config
+        out = api.show_method(args.method, args.out or f"{args.method}_figure.png", **options)
         print(f"wrote {out}")
         return 0
     if args.command == "bench":
@@ -209,7 +210,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         start = time.time()
         tasks = api.DEMO_TASKS if args.tasks is None else tuple(args.tasks)
-        table = api.demo(Path(args.out), args.overrides, tasks=tasks)
+        table = api.demo(Path(args.out), args.overrides, methods=args.methods, tasks=tasks)
         print(table)
         print(f"demo wall time: {time.time() - start:.0f} s; run directory: {args.out}")
         return 0

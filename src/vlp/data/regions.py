@@ -587,7 +587,7 @@ class PretrainSource:
     class_words: list[tuple[str, ...]]
 
 
-def open_pretrain_source(cfg: RunConfig) -> PretrainSource:
+def open_pretrain_source(cfg: RunConfig, region_feat_dim: Optional[int] = None) -> PretrainSource:
     """Build the pre-training data of `data.source: regions | karpathy` (the world is built by `vlp.api`).
 
     regions:  `data.captions` + `data.features` (+ `data.class_vocab` when the features carry soft_labels):
@@ -596,6 +596,8 @@ def open_pretrain_source(cfg: RunConfig) -> PretrainSource:
               a `method.grid_regions`^2 grid of cells (no anchors, warned), ALBEF trains as usual.
     Tokenizer: `data.tokenizer: bert` (packaged BERT uncased) or `captions` (`train_caption_tokenizer` on the
     budgeted captions, class words forced whole). ConfigError naming the key for a missing setting.
+    `region_feat_dim`: the width of precomputed features the run's method takes (its class's
+    `region_feature_dim(cfg)`: 0 = the ViT width), None when it encodes pixels only (then regions are refused).
     """
     d = cfg.data
     if d.source not in ("regions", "karpathy"):
@@ -609,9 +611,10 @@ def open_pretrain_source(cfg: RunConfig) -> PretrainSource:
             f"on data.captions, class words kept whole)"
         )
     if d.source == "regions":
-        if cfg.method.name != "cmal":
+        if region_feat_dim is None:
             raise ConfigError(f"data.source: regions feeds precomputed region features without images: method "
-                              f"{cfg.method.name!r} cannot use them (use method.name: cmal, or data.source: karpathy)")
+                              f"{cfg.method.name!r} encodes pixels and cannot use them (use a method that takes region "
+                              f"features, or data.source: karpathy)")
         if d.features is None:
             raise ConfigError("data.source: regions needs data.features (a .npz of many images or a directory of "
                               "<image_id>.npz)")
@@ -633,7 +636,7 @@ def open_pretrain_source(cfg: RunConfig) -> PretrainSource:
         return PretrainSource(tokenizer, dataset, collate, class_words)
     reader = open_region_features(
         d.features,
-        feat_dim=cfg.method.region_feat_dim or cfg.model.vision.width,
+        feat_dim=region_feat_dim or cfg.model.vision.width,
         num_classes=len(class_words) if class_words else None,
         faithful_labels=d.region_labels_faithful,
         adaptive=d.adaptive_regions, conf_th=d.region_conf_th, min_bb=d.region_min_bb, max_bb=d.region_max_bb,

@@ -26,7 +26,8 @@ Where we deviate (each on purpose):
     momentum features, as in ALBEF. ALBEF uses momentum features for the in-batch columns too.
   * The queue starts empty and only filled entries are used (ALBEF starts it with random unit vectors);
     it is filled in `on_step_end()` with the features of every micro-batch of the step, so gradient
-    accumulation sees the same queue as one large batch. Queue entries keep their image ids.
+    accumulation sees the same queue as one large batch. Queue entries keep their image ids. (The EMA
+    update and the queue are `vlp.models.momentum`'s `ema_update_` and `FeatureQueue`.)
   * MLM distillation uses the log-softmax over the vocabulary (ALBEF's code used the sequence axis, a typo,
     salesforce/ALBEF#58); [SEP] is never masked; random replacement tokens are non-special.
   * `distill_alpha` is constant (ALBEF ramps it from 0 over the first epoch).
@@ -34,15 +35,16 @@ Where we deviate (each on purpose):
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from vlp.config import MethodConfig, RunConfig
+from pydantic import Field
+
+from vlp.config import MethodConfig, RunConfig, Section
 from vlp.models.losses import (
     all_gather_no_grad,
     all_gather_with_grad,
@@ -54,13 +56,38 @@ from vlp.models.losses import (
     sample_hard_negatives,
     world_size,
 )
+from vlp.methods.base import PretrainMethod
 from vlp.models.model import VLModel
+from vlp.models.momentum import FeatureQueue, ema_update_, momentum_copy
 from vlp.models.rng import sample_uniforms
 from vlp.models.roi import region_features
 from vlp.types import Batch, PairOutput
 
+class LossWeights(Section):
+    itc: float = 1.0
+    itm: float = 1.0
+    mlm: float = 1.0
+
+
+class AlbefConfig(MethodConfig):
+    """The `method:` section of ALBEF (`name: albef`)."""
+
+    name: Literal["albef"] = "albef"
+    mlm_prob: float = 0.15
+    itm_hard_negatives: bool = True  # ITM negatives drawn from softmax(ITC similarity); false = uniform
+    momentum_distill: bool = False
+    momentum: float = 0.995
+    queue_size: int = 0  # 0 = no queue; ALBEF uses 65536
+    distill_alpha: float = 0.4
+    loss_weights: LossWeights = Field(default_factory=LossWeights)
+
+
 SALT_MLM = 0x4D4C4D  # "MLM": token masking draws
 SALT_ITM = 0x49544D  # "ITM": hard-negative draws
+
+# state_dict names of the queue before it moved into `FeatureQueue` (v0.1 checkpoints) -> current names
+LEGACY_QUEUE_KEYS = {"image_queue": "queue.image", "text_queue": "queue.text", "queue_ids": "queue.ids",
+                     "queue_ptr": "queue.ptr", "queue_count": "queue.count"}
 
 
 def _pad_length(x: Tensor, length: int) -> Tensor:
@@ -72,7 +99,7 @@ def _pad_length(x: Tensor, length: int) -> Tensor:
     return F.pad(x, pad)
 
 
-class Albef(nn.Module):
+class Albef(PretrainMethod):
     """ALBEF pre-training objective around a `VLModel` (see the module docstring for deviations).
 
     Args:
@@ -83,14 +110,30 @@ class Albef(nn.Module):
         vocab_size: tokenizer vocabulary size V.
 
     State (in `state_dict`, so checkpoints resume exactly): `model`; with `momentum_distill` also
-    `model_m` (frozen EMA copy) and, with `queue_size > 0`, `image_queue` / `text_queue` (K, E),
-    `queue_ids` (K,) (-1 = empty), `queue_ptr` and `queue_count` (0-d long).
+    `model_m` (frozen EMA copy, `vlp.models.momentum.momentum_copy`) and, with `queue_size > 0`, `queue`
+    (a `FeatureQueue`: `queue.image` / `queue.text` (K, E), `queue.ids` (K,) (-1 = empty), `queue.ptr` and
+    `queue.count` (0-d long)). Checkpoints written before the queue moved into `FeatureQueue` hold these as
+    `image_queue`, `text_queue`, `queue_ids`, `queue_ptr`, `queue_count`: they still load (renamed on load,
+    `LEGACY_QUEUE_KEYS`), and the old names stay readable as properties.
+
+    Capabilities (`vlp.methods.base`): pixels in; ranked by ITC with the ITC top-k re-ranked by ITM (ALBEF's
+    protocol), and by ITM over all pairs when `eval.itm_all` asks; retrieval fine-tuning keeps ITC + ITM
+    with ITC-sampled hard negatives and drops MLM (ALBEF §4 / `Retrieval.py`).
     """
+
+    name = "albef"
+    config_class = AlbefConfig
+    inputs = frozenset({"images", "image_ids"})
+    retrieval_protocols = ("itc_itm", "itm_all")
+    retrieval_finetune_overrides = ("method.loss_weights.mlm=0", "method.itm_hard_negatives=true")
+    demo_config = "demo"
+    in_demo_by_default = True
+    rank_independent_parts = ("itc", "itm", "itm_acc")  # MLM is a mean over each rank's own masked tokens
 
     def __init__(
         self,
         model: VLModel,
-        cfg: MethodConfig,
+        cfg: AlbefConfig,
         *,
         mask_id: int,
         special_ids: Iterable[int],
@@ -108,18 +151,11 @@ class Albef(nn.Module):
         self.vocab_size = int(vocab_size)
         self.register_buffer("special_ids", torch.tensor(sorted(int(i) for i in special_ids), dtype=torch.long),
                              persistent=False)
-        self.model_m: VLModel | None = None
-        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
-        if cfg.momentum_distill:
-            self.model_m = copy.deepcopy(model)
-            self.model_m.requires_grad_(False)
-            if cfg.queue_size > 0:
-                dim = model.cfg.embed_dim
-                self.register_buffer("image_queue", torch.zeros(cfg.queue_size, dim))
-                self.register_buffer("text_queue", torch.zeros(cfg.queue_size, dim))
-                self.register_buffer("queue_ids", torch.full((cfg.queue_size,), -1, dtype=torch.long))
-                self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-                self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
+        self.model_m: VLModel | None = momentum_copy(model) if cfg.momentum_distill else None
+        self.queue: FeatureQueue | None = None  # momentum features of past steps (ITC columns)
+        if cfg.momentum_distill and cfg.queue_size > 0:
+            dim = model.cfg.embed_dim
+            self.queue = FeatureQueue(cfg.queue_size, {"image": dim, "text": dim})
 
     @classmethod
     def from_config(cls, cfg: RunConfig, model: VLModel, tokenizer: Any, class_words: Any = None) -> "Albef":
@@ -127,6 +163,25 @@ class Albef(nn.Module):
         `class_words` (the object lexicon) is accepted for a uniform builder signature; ALBEF has no use for it."""
         return cls(model, cfg.method, mask_id=tokenizer.mask_id, special_ids=tokenizer.special_ids,
                    vocab_size=tokenizer.vocab_size)
+
+    def unused_parameters(self) -> set[str]:
+        """Parameters only a zero-weight loss would reach: the MLM head without MLM (retrieval fine-tuning),
+        the ITM head without ITM, the ITC projections and temperature without ITC (hard negatives read them
+        only under no_grad), the fusion encoder without ITM and MLM."""
+        w = self.cfg.loss_weights
+        weight_of = {"mlm_head": w.mlm, "itm_head": w.itm, "vision_proj": w.itc, "text_proj": w.itc, "temp": w.itc,
+                     "fusion": abs(w.itm) + abs(w.mlm)}
+        return {name for name, param in self.named_parameters()
+                if param.requires_grad and name.startswith("model.") and weight_of.get(name.split(".")[1], 1) == 0}
+
+    def itm_pair_inputs(self, images: Tensor, region_boxes: Optional[Tensor] = None,
+                        region_mask: Optional[Tensor] = None) -> tuple[Tensor, ...]:
+        """"itm_all" per-image part: the ViT tokens (B, 1+P, Dv) (boxes are not used)."""
+        return (self.model.encode_image(images).tokens,)
+
+    def itm_pair_scores(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Matched-class ITM logit (P,) of P (image tokens, text) pairs through the fusion encoder."""
+        return self.model.itm_score(image_tokens, input_ids, attention_mask)
 
     # ------------------------------------------------------------------------------------ downstream
     @property
@@ -162,7 +217,35 @@ class Albef(nn.Module):
 
     @property
     def has_queue(self) -> bool:
-        return self.model_m is not None and self.cfg.queue_size > 0
+        return self.queue is not None
+
+    # Read access under the pre-`FeatureQueue` buffer names (whole buffers, as before).
+    @property
+    def image_queue(self) -> Tensor:
+        return self.queue.image
+
+    @property
+    def text_queue(self) -> Tensor:
+        return self.queue.text
+
+    @property
+    def queue_ids(self) -> Tensor:
+        return self.queue.ids
+
+    @property
+    def queue_ptr(self) -> Tensor:
+        return self.queue.ptr
+
+    @property
+    def queue_count(self) -> Tensor:
+        return self.queue.count
+
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Rename the queue buffers of checkpoints written before `FeatureQueue` (`LEGACY_QUEUE_KEYS`)."""
+        for old, new in LEGACY_QUEUE_KEYS.items():
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------ forward
     def forward(self, batch: Batch) -> dict[str, Tensor]:
@@ -202,16 +285,14 @@ class Albef(nn.Module):
                 text_emb_m = self.model_m.text_embed(self.model_m.encode_text(ids, attn))
                 image_cols_m = all_gather_no_grad(image_emb_m)  # (G, E)
                 text_cols_m = all_gather_no_grad(text_emb_m)
-                if self.training and self.has_queue:
-                    # ids made up for this batch only must not match later batches: store -1 (never positive)
-                    queued_ids = ids_global if batch.image_ids is not None else torch.full_like(ids_global, -1)
-                    self._pending.append((image_cols_m, text_cols_m, queued_ids))
-                    while sum(f[0].shape[0] for f in self._pending[1:]) >= self.cfg.queue_size:
-                        self._pending.pop(0)  # forwards without a step: only the newest K rows can survive
-                if self.has_queue:
-                    filled = int(self.queue_count)
-                    queue_i, queue_t = self.image_queue[:filled], self.text_queue[:filled]
-                    itc_kwargs.update(image_queue=queue_i, text_queue=queue_t, queue_ids=self.queue_ids[:filled])
+                if self.queue is not None:
+                    if self.training:  # enqueued after the optimizer step (`on_step_end`)
+                        # ids made up for this batch only must not match later batches: store -1 (never positive)
+                        queued_ids = ids_global if batch.image_ids is not None else torch.full_like(ids_global, -1)
+                        self.queue.stage({"image": image_cols_m, "text": text_cols_m}, queued_ids)
+                    banks, queue_ids = self.queue.filled()
+                    queue_i, queue_t = banks["image"], banks["text"]
+                    itc_kwargs.update(image_queue=queue_i, text_queue=queue_t, queue_ids=queue_ids)
                     image_cols_m = torch.cat([image_cols_m, queue_i], dim=0)
                     text_cols_m = torch.cat([text_cols_m, queue_t], dim=0)
                 t = temp.detach()
@@ -330,15 +411,9 @@ class Albef(nn.Module):
         self.model.clamp_temperature_()
         if self.model_m is None:
             return
-        online = list(self.model.parameters())
-        ema = list(self.model_m.parameters())
-        torch._foreach_lerp_(ema, online, 1.0 - self.cfg.momentum)  # ema += (1 - m) * (p - ema)
-        for buf_m, buf in zip(self.model_m.buffers(), self.model.buffers()):
-            buf_m.copy_(buf)
-        if self._pending:
-            image, text, ids = (torch.cat(parts) for parts in zip(*self._pending))
-            self._pending.clear()
-            self._enqueue(image, text, ids)
+        ema_update_(self.model, self.model_m, self.cfg.momentum)
+        if self.queue is not None:
+            self.queue.flush()
 
     @torch.no_grad()
     def reset_momentum(self) -> None:
@@ -348,24 +423,5 @@ class Albef(nn.Module):
         if self.model_m is None:
             return
         self.model_m.load_state_dict(self.model.state_dict())
-        self._pending.clear()
-        if self.has_queue:
-            self.image_queue.zero_()
-            self.text_queue.zero_()
-            self.queue_ids.fill_(-1)
-            self.queue_ptr.zero_()
-            self.queue_count.zero_()
-
-    @torch.no_grad()
-    def _enqueue(self, image: Tensor, text: Tensor, ids: Tensor) -> None:
-        """Write (n, E) features into the ring buffers at `queue_ptr` (the last K if n > K)."""
-        capacity = self.cfg.queue_size
-        if image.shape[0] > capacity:
-            image, text, ids = image[-capacity:], text[-capacity:], ids[-capacity:]
-        count = image.shape[0]
-        slots = (self.queue_ptr + torch.arange(count, device=self.queue_ptr.device)) % capacity
-        self.image_queue[slots] = image.to(self.image_queue.dtype)
-        self.text_queue[slots] = text.to(self.text_queue.dtype)
-        self.queue_ids[slots] = ids.to(self.queue_ids.dtype)
-        self.queue_ptr.copy_((self.queue_ptr + count) % capacity)
-        self.queue_count.copy_((self.queue_count + count).clamp(max=capacity))
+        if self.queue is not None:
+            self.queue.reset()

@@ -30,7 +30,8 @@ ITM: 50 % of rows get another image's regions, 2-way CE on the fused [CLS]; UNIT
 (quirk 6, reproduced: we have none); task sampling ITM:AMC:WRC = 1:3:2; τ init 0.07, clamped.
 
 Where we deviate or choose (each also a config flag where both behaviours matter):
-  * Region inputs (§3.1, §11.1), chosen per batch by what it carries (`Cmal.regions`):
+  * Region inputs (§3.1, §11.1), chosen per batch by what it carries (`Cmal.regions`; made by
+    `vlp.models.regions.RegionInputBuilder`):
       - `batch.region_feats` (precomputed BUTD / UNITER detector features, `data.source: regions`, read
         by `vlp.data.regions`): used as is, no RoIAlign, as the reference code does. The region
         embedding's input dim is `method.region_feat_dim` (BUTD: 2048), a config field so the model is
@@ -87,28 +88,29 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlp.config import MethodConfig, RunConfig
+from pydantic import Field
+
+from vlp.config import MethodConfig, RunConfig, Section
+from vlp.methods.base import PretrainMethod
 from vlp.models.anchors import (
     LexiconTable,
     RegionEmbedding,
     anchor_rate,
-    boxes_to_7d,
     build_lexicon,
     detect_anchors,
-    grid_cell_boxes,
     sample_partner,
     sample_uniform_index,
 )
 from vlp.models.layers import BERT_LN_EPS, Block
 from vlp.models.losses import IGNORE_INDEX, itm_loss, mask_tokens, mlm_loss
 from vlp.models.model import VLModel
-from vlp.models.roi import region_features
+from vlp.models.regions import RegionInputBuilder, RegionInputs
 from vlp.models.rng import keyed_uniform, sample_uniforms
 from vlp.types import Batch, PairOutput
 
@@ -121,6 +123,37 @@ SALT_TASK = 0x434D4B  # "CMK": task of a step
 
 TAU_MIN, TAU_MAX = 0.001, 0.5
 TASKS = ("itm", "amc", "wrc")
+
+
+class TaskMix(Section):
+    """Per-task numbers (cmal.md §8.3): sampling ratios or loss weights of ITM, AMC, WRC."""
+
+    itm: float = 1.0
+    amc: float = 3.0
+    wrc: float = 2.0
+
+
+class CmalConfig(MethodConfig):
+    """The `method:` section of CMAL (`name: cmal`; cmal.md §5, §8, §11; choices in the module docstring)."""
+
+    name: Literal["cmal"] = "cmal"
+    mlm_prob: float = 0.15
+    region_mask_prob: float = 0.25  # non-anchor regions masked in AMC (hard-coded 0.25 in the code)
+    unimodal_layers: int = 0  # UMSE Transformer layers per modality before the swap; 0 = code-faithful
+    umse_norm: Literal["none", "sphere"] = "sphere"  # none = code-faithful (quirk 4); sphere = both on radius sqrt(d)
+    task_mixing: Literal["ratio", "sum"] = "ratio"  # ratio: one task per step (UNITER); sum: weighted sum
+    task_ratio: TaskMix = Field(default_factory=TaskMix)  # ITM:AMC:WRC = 1:3:2 [CODE]
+    task_weights: TaskMix = Field(default_factory=TaskMix)  # 'sum' mode, normalised by their sum
+    itm_neg_prob: float = 0.5  # UNITER ITM: share of rows whose image is replaced
+    wrc_temperature: float = 0.07  # initial WRC tau (learnable, clamped to [0.001, 0.5])
+    wrc_faithful: bool = False  # true = code's WRC normalisation (padding in softmax, / L_t*N; quirk 2)
+    max_regions: int = 100  # BUTD max_bb
+    whole_image_region: bool = False  # prepend a [0,0,1,1] region with label 0 (our addition)
+    # Input dim D of the region embedding. 0 = the ViT width (features RoI-pooled from the ViT grid);
+    # precomputed detector features (data.source: regions, task.region_features) need their D here
+    # (BUTD: 2048) so the model is built before data is read.
+    region_feat_dim: int = 0
+    grid_regions: int = 3  # images without boxes: a g x g grid of cells as regions (label 0, no anchors)
 
 
 # ------------------------------------------------------------------------------------------ masking
@@ -396,23 +429,13 @@ class RegionClassifier(nn.Module):
         return self.out(self.norm(self.act(self.dense(hidden))))
 
 
-@dataclass
-class RegionInputs:
-    """Region inputs of a batch: feats (B,N,Dv), boxes (B,N,7), labels (B,N) long, mask (B,N) bool."""
-
-    feats: Tensor
-    boxes: Tensor
-    labels: Tensor
-    mask: Tensor
-
-
 def _sphere(x: Tensor) -> Tensor:
     """x * sqrt(d) / ||x|| (0 stays 0): the norm of a LayerNorm output before its affine."""
     return F.normalize(x, dim=-1) * math.sqrt(x.shape[-1])
 
 
 # ------------------------------------------------------------------------------------------ method
-class Cmal(nn.Module):
+class Cmal(PretrainMethod):
     """CMAL pre-training objective around a single-stream `VLModel` (module docstring: choices & quirks).
 
     Args:
@@ -426,12 +449,56 @@ class Cmal(nn.Module):
     `region_blocks` (k unimodal region layers, empty for k = 0), `log_tau` (WRC temperature, init
     log 0.07) and the buffer `task_step` (optimizer steps taken, drives the task draw; checkpointed).
     The word head is `model.mlm_head` (tied to the word embeddings), the ITM head `model.itm_head`.
+
+    Capabilities (`vlp.methods.base`): regions are part of every input (the world's boxes, precomputed
+    detector features, or grid cells); ranked by ITM over all pairs (no ITC: UNITER's protocol);
+    retrieval fine-tuning keeps ITM alone; inspection figure `vlp show cmal` (the associative prompt).
     """
+
+    name = "cmal"
+    config_class = CmalConfig
+    inputs = frozenset({"images", "region_boxes", "region_labels", "region_feats", "image_ids"})
+    retrieval_protocols = ("itm_all",)
+    retrieval_finetune_overrides = ("method.task_mixing=sum", "method.task_weights.itm=1",
+                                    "method.task_weights.amc=0", "method.task_weights.wrc=0")
+    figure = "vlp.figures.cmal_prompt"
+    demo_config = "demo_cmal"
+    in_demo_by_default = True
+    # ITM negatives come from the local micro-batch and AMC / WRC are means over each rank's own targets
+    rank_independent_parts = ("anchor_rate", "anchors_per_caption")
+
+    # parameters each task reaches (others reach the shared encoder, embeddings and region embedding)
+    TASK_PARAMETERS = {"itm": ("model.itm_head.",), "amc": ("region_head.", "model.mlm_head."), "wrc": ("log_tau",)}
+
+    @classmethod
+    def region_feature_dim(cls, cfg: RunConfig) -> Optional[int]:
+        """`method.region_feat_dim`: the width of precomputed detector features (0 = regions are RoI-pooled
+        from the ViT grid, so the region embedding takes the ViT width)."""
+        return int(cfg.method.region_feat_dim)
+
+    def unused_parameters(self) -> set[str]:
+        """The ITC projections and temperature of the shared model (CMAL has no ITC) and the fusion's own image
+        input layers (regions enter through `region_embed`); the heads of tasks that
+        may not run in a step (every task's under 'ratio' mixing, zero-weight tasks under 'sum'); the ViT
+        when regions are precomputed features (`region_feat_dim` > 0)."""
+        if self.cfg.task_mixing == "ratio":
+            off = set(TASKS)
+        else:
+            off = {t for t in TASKS if getattr(self.cfg.task_weights, t) == 0}
+        # the shared model's ITC parts, and the single-stream fusion's own image input path (CMAL feeds its
+        # region embedding to `encode_joint` instead)
+        prefixes = ["model.vision_proj.", "model.text_proj.", "model.temp", "model.fusion.image_proj.",
+                    "model.fusion.image_norm.", "model.fusion.modality_embed."]
+        prefixes += [p for task in off for p in self.TASK_PARAMETERS[task]]
+        if self.cfg.region_feat_dim > 0:  # precomputed features: batches carry no pixels
+            prefixes.append("model.vision.")
+        return {name for name, param in self.named_parameters()
+                if param.requires_grad and any(name.startswith(p) for p in prefixes)}
 
     def __init__(
         self,
         model: VLModel,
-        cfg: MethodConfig,
+        cfg: CmalConfig,
         lexicon: LexiconTable,
         *,
         mask_id: int,
@@ -443,8 +510,6 @@ class Cmal(nn.Module):
         mcfg = model.cfg
         if mcfg.fusion.type != "single":
             raise ValueError("CMAL needs the single-stream encoder: set model.fusion.type: single")
-        if cfg.momentum_distill or cfg.queue_size > 0:
-            raise ValueError("CMAL has no momentum model or queue: set method.momentum_distill: false, queue_size: 0")
         if lexicon.vocab_size != vocab_size:
             raise ValueError(f"the lexicon covers {lexicon.vocab_size} ids but the tokenizer has {vocab_size}: "
                              f"build it with the run's tokenizer")
@@ -537,6 +602,13 @@ class Cmal(nn.Module):
         return TASKS[index]
 
     # ------------------------------------------------------------------------------ inputs
+    @property
+    def region_builder(self) -> RegionInputBuilder:
+        """Makes the region inputs from the current `method` config (`vlp.models.regions`)."""
+        cfg = self.cfg
+        return RegionInputBuilder(cfg.max_regions, cfg.whole_image_region, cfg.grid_regions, self.region_feat_dim,
+                                  self.model.cfg.vision.width, owner="CMAL")
+
     def regions(self, batch: Batch) -> RegionInputs:
         """The batch's regions, by what it carries (module docstring "Region inputs"; cmal.md §3.1, §11.1):
 
@@ -560,8 +632,7 @@ class Cmal(nn.Module):
             g = self.cfg.grid_regions
             self._warn_no_anchors(f"the batch has images but no region boxes, so CMAL uses a {g}x{g} grid of cells "
                                   f"as regions (method.grid_regions), all labelled 0")
-            cells = grid_cell_boxes(g, device=batch.images.device)
-            return self.region_inputs(batch.images, cells.expand(len(batch), -1, -1))
+            return self.region_inputs(batch.images, self.region_builder.cell_boxes(len(batch), batch.images.device))
         if batch.region_labels is None:
             self._warn_no_anchors("the batch has region boxes but no region labels (every region label is 0)")
         return self.region_inputs(batch.images, batch.region_boxes, batch.region_labels, batch.region_mask)
@@ -581,74 +652,23 @@ class Cmal(nn.Module):
             stacklevel=3,
         )
 
-    def _layout(self, boxes: Tensor, labels: Optional[Tensor], mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """The first `max_regions` regions: boxes (B,n,4|7) float, labels (B,n) long (None -> 0), mask (B,n)."""
-        n = self.cfg.max_regions
-        boxes = boxes[:, :n].float()
-        labels = (torch.zeros(boxes.shape[:2], dtype=torch.long, device=boxes.device) if labels is None
-                  else labels[:, :n].long())
-        mask = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask[:, :n].bool()
-        return boxes, labels, mask
-
-    def _prepend_whole(self, boxes: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`whole_image_region`: a [0,0,1,1] (+ w, h, wh) region with label 0 in front (our addition)."""
-        B = boxes.shape[0]
-        whole = boxes.new_tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0][: boxes.shape[-1]])  # xyxy (+ w, h, wh)
-        return (torch.cat([whole.expand(B, 1, -1), boxes], dim=1), torch.cat([labels.new_zeros(B, 1), labels], dim=1),
-                torch.cat([mask.new_ones(B, 1), mask], dim=1))
-
     def region_inputs(self, images: Tensor, region_boxes: Tensor, region_labels: Optional[Tensor] = None,
                       region_mask: Optional[Tensor] = None) -> RegionInputs:
         """`regions` from raw tensors: images (B,3,H,W), boxes (B,N,4|7) normalised xyxy, labels (B,N) or None
         (all 0: ITM does not use labels), mask (B,N) bool or None (all real) -> RoIAlign features of the
-        boxes on the ViT grid (B,N',Dv), N' = min(N, max_regions) (+1 with `whole_image_region`)."""
-        width = self.model.cfg.vision.width
-        if self.region_feat_dim != width:
-            raise ValueError(
-                f"method.region_feat_dim={self.region_feat_dim}, but these regions are RoI-pooled from the ViT grid "
-                f"(width {width}): set method.region_feat_dim: 0 for image inputs, or feed precomputed "
-                f"batch.region_feats of dim {self.region_feat_dim}"
-            )
-        boxes, labels, mask = self._layout(region_boxes, region_labels, region_mask)
-        if self.cfg.whole_image_region:
-            boxes, labels, mask = self._prepend_whole(boxes, labels, mask)
-        labels = torch.where(mask, labels, torch.zeros_like(labels))
-        grid = self.model.encode_image(images).grid
-        feats = region_features(grid, boxes[..., :4])
-        return RegionInputs(feats, boxes_to_7d(boxes), labels, mask)
+        boxes on the ViT grid (B,N',Dv), N' = min(N, max_regions) (+1 with `whole_image_region`)
+        (`RegionInputBuilder.from_boxes`)."""
+        return self.region_builder.from_boxes(lambda: self.model.encode_image(images).grid, region_boxes,
+                                              region_labels, region_mask)
 
     def feature_inputs(self, region_feats: Tensor, region_boxes: Tensor, region_labels: Optional[Tensor] = None,
                        region_mask: Optional[Tensor] = None) -> RegionInputs:
-        """Precomputed detector features (cmal.md §3.1, UNITER's BUTD inputs) used as is, no RoIAlign.
-
-        Args:
-            region_feats: (B, N, D) float, D = `method.region_feat_dim` (ValueError naming it otherwise).
-            region_boxes: (B, N, 4 | 7) normalised x1, y1, x2, y2 [, w, h, w*h].
-            region_labels: (B, N) long class id + 1, or None (all 0: no anchors).
-            region_mask: (B, N) bool real regions, or None (all real).
-
-        Returns:
-            RegionInputs with the first `max_regions` regions; with `whole_image_region` a [0,0,1,1] region
-            (label 0) first whose feature is the mean of the sample's real region features (our addition).
-        """
-        dim = int(region_feats.shape[-1])
-        if dim != self.region_feat_dim:
-            raise ValueError(
-                f"batch.region_feats have dim {dim} but CMAL's region embedding takes {self.region_feat_dim} "
-                f"(method.region_feat_dim; 0 = the ViT width): set method.region_feat_dim: {dim}"
-            )
-        if region_feats.shape[:2] != region_boxes.shape[:2]:
-            raise ValueError(f"region_feats {tuple(region_feats.shape)} and region_boxes {tuple(region_boxes.shape)} "
-                             f"must share (B, N)")
-        boxes, labels, mask = self._layout(region_boxes, region_labels, region_mask)
-        feats = region_feats[:, : self.cfg.max_regions].float()
-        if self.cfg.whole_image_region:
-            weight = mask.to(feats.dtype)[:, :, None]
-            mean = (feats * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp_min(1.0)
-            feats = torch.cat([mean, feats], dim=1)
-            boxes, labels, mask = self._prepend_whole(boxes, labels, mask)
-        labels = torch.where(mask, labels, torch.zeros_like(labels))
-        return RegionInputs(feats, boxes_to_7d(boxes), labels, mask)
+        """Precomputed detector features (cmal.md §3.1, UNITER's BUTD inputs) used as is, no RoIAlign
+        (`RegionInputBuilder.from_features`): region_feats (B,N,D) with D = `method.region_feat_dim`,
+        region_boxes (B,N,4|7), labels (B,N) or None (all 0: no anchors), mask (B,N) or None (all real).
+        The first `max_regions` regions; with `whole_image_region` a [0,0,1,1] region (label 0) first whose
+        feature is the mean of the sample's real region features (our addition)."""
+        return self.region_builder.from_features(region_feats, region_boxes, region_labels, region_mask)
 
     def _norm(self, x: Tensor) -> Tensor:
         return _sphere(x) if self.cfg.umse_norm == "sphere" else x
@@ -764,7 +784,6 @@ class Cmal(nn.Module):
         return itm_loss(logits, labels), accuracy.detach()
 
     # ------------------------------------------------------------------------------ downstream
-    needs_regions = True  # single stream: regions are part of the input of every downstream pass
 
     @property
     def pair_dims(self) -> tuple[int, int]:
@@ -798,7 +817,7 @@ class Cmal(nn.Module):
             raise ValueError("CMAL.encode_pair needs images (regions are pooled from the ViT grid) or precomputed "
                              "region_feats with their region_boxes")
         elif region_boxes is None:
-            region_boxes = grid_cell_boxes(self.cfg.grid_regions, device=images.device).expand(images.shape[0], -1, -1)
+            region_boxes = self.region_builder.cell_boxes(images.shape[0], images.device)
             region_mask = None
         if region_boxes.shape[1] > self.cfg.max_regions:
             raise ValueError(f"{region_boxes.shape[1]} regions per image exceed method.max_regions="
@@ -820,10 +839,20 @@ class Cmal(nn.Module):
         `region_boxes=None` (images without boxes, e.g. user Karpathy files): `grid_regions`² grid cells,
         as in training (`regions`) and `encode_pair`."""
         if region_boxes is None:
-            region_boxes = grid_cell_boxes(self.cfg.grid_regions, device=images.device).expand(images.shape[0], -1, -1)
+            region_boxes = self.region_builder.cell_boxes(images.shape[0], images.device)
             region_mask = None
         regions = self.region_inputs(images, region_boxes, None, region_mask)
         return self._region_vectors(regions), regions.boxes, regions.mask
+
+    def itm_pair_inputs(self, images: Tensor, region_boxes: Optional[Tensor],
+                        region_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """"itm_all" per-image part: `encode_regions`."""
+        return self.encode_regions(images, region_boxes, region_mask)
+
+    def itm_pair_scores(self, region_vecs: Tensor, boxes: Tensor, region_mask: Tensor, input_ids: Tensor,
+                        attention_mask: Tensor) -> Tensor:
+        """"itm_all" pair scores: `itm_scores_from_regions`."""
+        return self.itm_scores_from_regions(region_vecs, boxes, region_mask, input_ids, attention_mask)
 
     def itm_scores_from_regions(self, region_vecs: Tensor, boxes: Tensor, region_mask: Tensor,
                                 input_ids: Tensor, attention_mask: Tensor) -> Tensor:

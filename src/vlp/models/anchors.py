@@ -11,9 +11,9 @@ task can use them), so they live in `models/` (torch only; the tokenizer is duck
   among its matches (§3.3, "for AMC each text anchor t gets one partner π(t)").
 * `anchor_rate(anchor_pairs)`: share of captions with an anchor and mean anchors per caption (§11.2:
   "count and report the anchor rate" — a vocabulary that splits class words silently kills anchors).
-* `boxes_to_7d`, `RegionEmbedding`: UNITER/CMAL region inputs `LN(W_v v)` and `LN(W_p b)` with the
-  7-d box `[x1, y1, x2, y2, w, h, w*h]` (§3.1, §4, §11.4).
-* `grid_cell_boxes(g)`: a g x g grid of cells as "regions" for images without boxes (§11.1).
+* `RegionEmbedding`: UNITER/CMAL region inputs `LN(W_v v)` and `LN(W_p b)` with the 7-d box
+  `[x1, y1, x2, y2, w, h, w*h]` (§3.1, §4, §11.4). `boxes_to_7d` and `grid_cell_boxes` (a g x g grid of
+  cells as "regions" for images without boxes, §11.1) live in `vlp.models.regions`, re-exported here.
 
 Region labels follow `vlp.types.Batch`: class id + 1, 0 = background / unknown / padding.
 """
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from vlp.data.lexicon import morphology_variants  # pure text rule, shared with vlp.data.regions
 from vlp.models.layers import BERT_LN_EPS
+from vlp.models.regions import boxes_to_7d, grid_cell_boxes  # re-exported: they lived here before
 
 
 # ------------------------------------------------------------------------------------------ lexicon
@@ -254,34 +255,6 @@ def anchor_rate(anchor_pairs: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # ------------------------------------------------------------------------------------------ regions
-def boxes_to_7d(boxes: Tensor) -> Tensor:
-    """(..., 4) normalised [x1, y1, x2, y2] -> (..., 7) [x1, y1, x2, y2, w, h, w*h] (cmal.md §3.1).
-
-    (..., 7) input is returned unchanged.
-    """
-    if boxes.shape[-1] == 7:
-        return boxes
-    if boxes.shape[-1] != 4:
-        raise ValueError(f"boxes must have 4 (x1, y1, x2, y2) or 7 columns, got {tuple(boxes.shape)}")
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    w, h = x2 - x1, y2 - y1
-    return torch.stack([x1, y1, x2, y2, w, h, w * h], dim=-1)
-
-
-def grid_cell_boxes(g: int, device: torch.device | str | None = None) -> Tensor:
-    """(g*g, 4) normalised x1, y1, x2, y2 boxes of a g x g grid of cells, row-major from the top-left.
-
-    cmal.md §11.1: "for user data without boxes: fixed grid cells as regions". Cell (r, c) is row r*g + c
-    with box [c/g, r/g, (c+1)/g, (r+1)/g]; the cells tile [0, 1]^2 exactly.
-    """
-    if g < 1:
-        raise ValueError(f"a grid of cells needs g >= 1, got {g}")
-    edges = torch.linspace(0.0, 1.0, g + 1, device=device)
-    y1, x1 = torch.meshgrid(edges[:-1], edges[:-1], indexing="ij")
-    y2, x2 = torch.meshgrid(edges[1:], edges[1:], indexing="ij")
-    return torch.stack([x1, y1, x2, y2], dim=-1).reshape(g * g, 4)
-
-
 class RegionEmbedding(nn.Module):
     """UNITER/CMAL region input (cmal.md §4, §11.4), split at the point where CMAL swaps features.
 

@@ -87,9 +87,40 @@ def contrastive_targets(row_ids: Tensor, col_ids: Tensor) -> Tensor:
     return positive / positive.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
-def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean over rows of -sum_j targets[i, j] * log_softmax(logits)[i, j]; logits, targets (B, C)."""
-    return -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+def soft_cross_entropy(
+    logits: Tensor,
+    soft_targets: Tensor,
+    dim: int = -1,
+    valid: Tensor | None = None,
+    *,
+    log_probs: Tensor | None = None,
+) -> Tensor:
+    """Cross-entropy against soft targets: the mean over rows of -sum_c q[c] * log_softmax(logits)[c].
+
+    The distillation term of ALBEF (paper eq. 6, ITC and MLM) and SIMLA (ITC, MLM, MIM): q = the softmax of
+    momentum-model logits, mixed or not with one-hot targets. The softmax runs over `dim`, the class axis
+    (ALBEF's and SIMLA's released MLM code used the sequence axis, a typo: salesforce/ALBEF#58). Computed
+    in float32 (`logits.float()`).
+
+    Args:
+        logits: (..., C, ...) with the C classes on `dim`, e.g. (B, C) or (B, T, V).
+        soft_targets: logits-shaped, each row a distribution over `dim` (not checked).
+        dim: the class axis.
+        valid: rows-shaped bool (logits' shape without `dim`) or None. With it only valid rows count:
+            the sum over them divided by their number (exactly 0, still attached to the graph, when none
+            is valid), e.g. the masked positions of MLM / MIM.
+        log_probs: `log_softmax(logits.float(), dim)` when the caller has it already (`mlm_loss` shares one
+            log-softmax, and so one backward, between its hard and soft terms); `logits` is then unused.
+
+    Returns:
+        scalar.
+    """
+    if log_probs is None:
+        log_probs = F.log_softmax(logits.float(), dim=dim)
+    per_row = -(soft_targets.float() * log_probs).sum(dim=dim)
+    if valid is None:
+        return per_row.mean()
+    return torch.where(valid, per_row, torch.zeros_like(per_row)).sum() / valid.sum().clamp_min(1)
 
 
 def contrastive_loss(
@@ -172,7 +203,8 @@ def contrastive_loss(
                              f"got {tuple(soft_i2t.shape)} and {tuple(soft_t2i.shape)}")
         targets_i2t = alpha * soft_i2t.float() + (1.0 - alpha) * hard
         targets_t2i = alpha * soft_t2i.float() + (1.0 - alpha) * hard
-    return 0.5 * (soft_cross_entropy(logits_i2t, targets_i2t) + soft_cross_entropy(logits_t2i, targets_t2i))
+    return 0.5 * (soft_cross_entropy(logits_i2t, targets_i2t, dim=1)
+                  + soft_cross_entropy(logits_t2i, targets_t2i, dim=1))
 
 
 # ------------------------------------------------------------------------------------------- ITM
@@ -320,9 +352,9 @@ def mlm_loss(
     """Masked-language-model cross-entropy, mean over labelled positions (ALBEF eq. 3).
 
     With `soft_targets` (momentum distillation, ALBEF eq. 6 for MLM): (1 - alpha) * CE + alpha * soft CE,
-    where the soft CE is -sum_v soft[v] log p[v] over the vocabulary axis. (ALBEF's released pre-training
-    code took the log-softmax over the *sequence* axis, `dim=1`; a typo acknowledged in
-    salesforce/ALBEF#58. We use the vocabulary axis.)
+    where the soft CE (`soft_cross_entropy`, over the labelled positions) is -sum_v soft[v] log p[v] over
+    the vocabulary axis. (ALBEF's released pre-training code took the log-softmax over the *sequence* axis,
+    `dim=1`; a typo acknowledged in salesforce/ALBEF#58. We use the vocabulary axis.)
 
     Args:
         logits: (B, T, V), or (M, V) for positions already gathered (e.g. only the masked ones).
@@ -343,7 +375,6 @@ def mlm_loss(
         if soft_targets.shape != logits.shape:
             raise ValueError(f"soft_targets must have the logits' shape {tuple(logits.shape)}, "
                              f"got {tuple(soft_targets.shape)}")
-        soft = -(soft_targets.float() * log_probs).sum(dim=-1)
-        soft = torch.where(valid, soft, torch.zeros_like(soft)).sum() / count
+        soft = soft_cross_entropy(logits, soft_targets, dim=-1, valid=valid, log_probs=log_probs)
         loss = (1.0 - alpha) * loss + alpha * soft
     return loss

@@ -46,7 +46,9 @@ __all__ = [
     "hard_negative_accuracy",
     "compute_retrieval_scores",
     "evaluate_retrieval",
+    "evaluate_method_retrieval",
     "evaluate_retrieval_itm_all",
+    "headline_r_mean",
     "retrieval_metrics",
     "retrieval_examples",
     "default_example_queries",
@@ -679,3 +681,57 @@ def evaluate_retrieval_itm_all(
     metrics["chance_r1"] = chance_recall(1, n_images)
     metrics["itm_forwards"] = float(forwards)
     return metrics
+
+
+# ============================================================================== by the method's protocol
+# The headline R-mean of each protocol, best first: what a table shows for "retrieval".
+HEADLINE_KEYS = ("itm_all/r_mean", "itm/r_mean", "itc/r_mean")
+
+
+def evaluate_method_retrieval(
+    method: Any,
+    rset: RetrievalData,
+    protocols: Sequence[str],
+    batch_size: int = 128,
+    k_rerank: int = 16,
+    device: Optional[torch.device | str] = None,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> dict[str, float]:
+    """Retrieval metrics of a pre-training method by the protocols it declares (`vlp.methods.base`):
+
+      "itc"      ITC ranking of `method.itc_model` (`evaluate_retrieval` with k_rerank = 0);
+      "itc_itm"  the same, ITC top-`k_rerank` re-ranked by ITM (ALBEF);
+      "itm_all"  the ITM score of every pair (`evaluate_retrieval_itm_all` with `method.itm_pair_inputs`
+                 per image and `method.itm_pair_scores` per pair: UNITER / CMAL).
+
+    The method is put in eval mode for the call. Returns the union of the protocols' metrics (`itc/`,
+    `itm/`, `itm_all/` keys, plus `num_images`, `num_texts`, `chance_r1`, `itm_forwards` summed).
+    ValueError for an unknown protocol or an empty list (a method without a retrieval protocol)."""
+    if not protocols:
+        raise ValueError(f"{type(method).__name__} declares no retrieval protocol (retrieval_protocols is empty)")
+    metrics: dict[str, float] = {}
+    forwards = 0.0
+    with eval_mode(method):
+        for protocol in protocols:
+            if protocol in ("itc", "itc_itm"):
+                part = evaluate_retrieval(method.itc_model, rset, batch_size=batch_size,
+                                          k_rerank=k_rerank if protocol == "itc_itm" else 0,
+                                          device=device, amp_dtype=amp_dtype)
+            elif protocol == "itm_all":
+                part = evaluate_retrieval_itm_all(method.itm_pair_scores, rset, batch_size=batch_size,
+                                                  device=device, encode=method.itm_pair_inputs, amp_dtype=amp_dtype)
+            else:
+                raise ValueError(f"unknown retrieval protocol '{protocol}' (known: itc, itc_itm, itm_all)")
+            forwards += part.pop("itm_forwards", 0.0)
+            metrics.update(part)
+    metrics["itm_forwards"] = forwards
+    return metrics
+
+
+def headline_r_mean(metrics: dict[str, Any], prefix: str = "") -> Optional[float]:
+    """The R-mean a table shows for retrieval: ITM over all pairs when measured, else ITM re-ranked, else
+    ITC (`HEADLINE_KEYS`); `prefix` e.g. "eval/". None when no protocol was measured."""
+    for key in HEADLINE_KEYS:
+        if prefix + key in metrics:
+            return float(metrics[prefix + key])
+    return None

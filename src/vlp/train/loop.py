@@ -72,6 +72,28 @@ def _scalar(value: Any, device: torch.device) -> Tensor:
     return t if t.dim() == 0 else t.mean()
 
 
+def format_eta(seconds: float) -> str:
+    """A duration as `42s`, `3m05s` or `1h02m05s` (rounded to the second; negative or unknown = `?`)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    total = int(round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def progress_line(name: str, step: int, total: int, loss: float, lr: float, samples_per_s: float,
+                  eta_s: float) -> str:
+    """One plain progress line (non-TTY runs), e.g.
+    `[albef] step 40/350 loss 3.2140 lr 9.8e-04 112.3 samples/s ETA 2m41s`."""
+    return (f"[{name}] step {step}/{total} loss {loss:.4f} lr {lr:.1e} {samples_per_s:.1f} samples/s "
+            f"ETA {format_eta(eta_s)}")
+
+
 class Trainer:
     """Train `method` on `dataset` following `cfg.train` (see the module docstring).
 
@@ -123,13 +145,18 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.model: nn.Module = self.method
+        # A method declares the trainable parameters a step may leave without a gradient
+        # (`unused_parameters() -> set of names`); DDP only searches for unused ones when that set is
+        # non-empty. Modules without the declaration (e.g. fine-tuning task modules) keep the search.
+        declared = getattr(self.method, "unused_parameters", None)
+        self.find_unused_parameters = True if declared is None else bool(declared())
         if is_distributed():
-            # Methods may leave heads unused on some steps; buffers (queues, momentum copies) are kept
-            # identical by the methods themselves (gathered updates): synced once at wrap, not every forward.
+            # Buffers (queues, momentum copies) are kept identical by the methods themselves (gathered
+            # updates): synced once at wrap, not every forward.
             self.model = DistributedDataParallel(
                 self.method,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,
+                find_unused_parameters=self.find_unused_parameters,
                 forward_sync_buffers=False,
             )
         self.step = 0
@@ -228,8 +255,9 @@ class Trainer:
         return step, Path(state["path"])
 
     # ------------------------------------------------------------------------------- steps
-    def _train_step(self, batch: Batch, rows_per_item: int = 1) -> tuple[dict[str, Tensor], float]:
-        """Forward/backward over the grad_accum micro-batches, then one optimiser step.
+    def train_step(self, batch: Batch, rows_per_item: int = 1) -> tuple[dict[str, Tensor], float]:
+        """Forward/backward over the grad_accum micro-batches, then one optimiser step (with grad
+        clipping, GradScaler, scheduler step and the method's `on_step_end`); `fit` and `vlp bench` run it.
 
         Micro-batches are cut by dataset items, not rows: an item of `rows_per_item` rows (an NLVR2
         example is its left and right image) never straddles two micro-batches.
@@ -388,12 +416,14 @@ class Trainer:
         eval_every = tc.eval_every if tc.eval_every > 0 else None
         ckpt_every = tc.ckpt_every if tc.ckpt_every > 0 else None
         show = tc.progress and self.rank == 0
+        tty = sys.stderr is not None and sys.stderr.isatty()
         bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                   disable=None if show and sys.stderr.isatty() else True)
+                   disable=None if show and tty else True)
+        print_lines = show and not tty  # no terminal (log file, CI, nohup): plain lines instead of a bar
         loader = self._loader(start)
         batches = iter(loader)
         window: list[dict[str, Tensor]] = []
-        window_start = time.perf_counter()
+        window_start = fit_start = time.perf_counter()
         data_wait = 0.0
         try:
             for step in range(start, tc.steps):
@@ -403,7 +433,7 @@ class Trainer:
                 keys = self.sampler.rank_rows(step).keys
                 rows_per_item = self._rows_per_item(len(batch), len(keys))
                 batch.sample_keys = keys.repeat_interleave(rows_per_item) if rows_per_item > 1 else keys
-                out, lr = self._train_step(batch, rows_per_item)
+                out, lr = self.train_step(batch, rows_per_item)
                 self.step = step + 1
                 window.append(out)
                 bar.update(1)
@@ -411,9 +441,11 @@ class Trainer:
                 if self.step % log_every == 0 or last:
                     record = self._log(window, lr, time.perf_counter() - window_start, data_wait)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-                    if self.rank == 0 and bar.disable:
-                        logger.info("step %d/%d loss %.4f lr %.3g %.1f samples/s", self.step, tc.steps,
-                                    record["loss"], lr, record["samples_per_s"])
+                    if print_lines:
+                        per_step = (time.perf_counter() - fit_start) / (self.step - start)
+                        print(progress_line(self.out_dir.name, self.step, tc.steps, record["loss"], lr,
+                                            record["samples_per_s"], (tc.steps - self.step) * per_step),
+                              file=sys.stderr, flush=True)
                     window, data_wait = [], 0.0
                     window_start = time.perf_counter()
                 pause_start = time.perf_counter()

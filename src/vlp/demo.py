@@ -1,0 +1,148 @@
+"""`vlp demo` and the downstream table: pre-train registered methods on the same pairs, compare them.
+
+`demo` pre-trains every method whose class sets `in_demo_by_default` (or those named in `methods`) with its
+`demo_config`, prints their retrieval side by side, then fine-tunes each checkpoint and a from-scratch
+model briefly on downstream tasks (`downstream_table`, shared with `benchmarks/downstream.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from vlp.config import RunConfig, load_config
+from vlp.finetune import finetune
+from vlp.methods import METHODS, method_class
+from vlp.pretrain import pretrain
+from vlp.tasks.retrieval import headline_r_mean
+from vlp.viz import format_table
+
+# ------------------------------------------------------------------------------ downstream table
+# The headline metric of each task (its test split) -> its table column; retrieval: the R-mean of the
+# method's best protocol (ITM over all pairs, else ITM re-ranked, else ITC: `headline_r_mean`).
+DOWNSTREAM_METRICS = {"ve": ("VE_acc", "test/acc"), "rec": ("REC_acc", "test/gt_acc"), "vqa": ("VQA_acc", "test/acc"),
+                      "nlvr2": ("NLVR2_acc", "test/acc"), "retrieval": ("ret_r_mean", None)}
+
+# `vlp demo`'s compact downstream fine-tunes (README "Results"): one short epoch per task (80 steps of 16),
+# scored on 250 test examples, ~13 s each on 2 CPU cores; the full-length table is benchmarks/downstream.py
+# with the shipped finetune_<task> configs (400 steps of 32).
+DEMO_FINETUNE = ["train.steps=80", "train.batch_size=16", "train.warmup_steps=8", "train.log_every=40",
+                 "task.train_size=1280", "task.eval_size=250", "task.eval_splits=[test]"]
+
+DEMO_TASKS = ("ve", "rec", "vqa")
+
+
+
+def downstream_table(starts: list[tuple[str, str | Path | None]], tasks: tuple[str, ...] | list[str],
+                     out_dir: str | Path, overrides: list[str] | None = None,
+                     on_row: Any = None) -> list[dict[str, Any]]:
+    """Fine-tune every start on every task and return one row per start: the task's headline test metric
+    (`DOWNSTREAM_METRICS`), REC also on proposals (`REC_det_acc`), and the wall seconds per task.
+
+    starts: (name, checkpoint) pairs; checkpoint None = "from scratch" (`task.init` freshly initialised,
+    so the difference to a checkpoint row is what pre-training buys). Every run uses the shipped
+    `finetune_<task>` config plus `overrides` (the same for every row) and writes to out_dir/<name>/<task>.
+    `on_row(rows)` is called after each task with the rows so far (progress printing).
+    """
+    unknown = [task for task in tasks if task not in DOWNSTREAM_METRICS]
+    if unknown:  # before any fine-tuning starts
+        raise ValueError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(DOWNSTREAM_METRICS)})")
+    out_dir = Path(out_dir)
+    rows: list[dict[str, Any]] = []
+    for name, checkpoint in starts:
+        row: dict[str, Any] = {"start": name}
+        for task in tasks:
+            begin = time.time()
+            run = finetune(task, checkpoint, overrides=[f"train.out_dir={out_dir / name / task}",
+                                                        "train.progress=false", *(overrides or [])])
+            metrics = json.loads((run / "eval.json").read_text())
+            column, key = DOWNSTREAM_METRICS[task]
+            value = headline_r_mean(metrics) if key is None else metrics[key]
+            row[column] = round(float(value), 1) if value is not None else None
+            if task == "rec" and "test/det_acc" in metrics:
+                row["REC_det_acc"] = round(float(metrics["test/det_acc"]), 1)
+            row[f"{task}_s"] = round(time.time() - begin)
+            if on_row is not None:
+                on_row([*rows, row])
+        rows.append(row)
+    return rows
+
+
+
+# Each method by its headline protocol (ITM over all pairs when it has it: the like-for-like column), with
+# the ITC ranking beside it for methods that have ITC.
+DEMO_COLUMNS = ["method", "pairs", "steps", "run_s", "ranking", "t2i_R@1", "i2t_R@1", "r_mean", "hardneg",
+                "itc_t2i_R@1", "itc_r_mean", "chance_R@1"]
+
+
+def demo_methods() -> tuple[str, ...]:
+    """The registered methods a bare `vlp demo` runs (their class sets `in_demo_by_default`)."""
+    return tuple(name for name, cls in METHODS.items() if cls.in_demo_by_default and cls.demo_config)
+
+
+def demo(out_dir: str | Path = "runs/demo", overrides: list[str] | None = None,
+         methods: Optional[Sequence[str]] = None, tasks: tuple[str, ...] = DEMO_TASKS) -> str:
+    """Pre-train the registered methods (`methods`, default `demo_methods()`) on the same world pairs for the
+    same steps with their `demo_config`, evaluate each on the same test images, then fine-tune each
+    checkpoint and a from-scratch model briefly on `tasks` (`DEMO_FINETUNE`); return both tables (also
+    written to `out_dir/results.md`).
+
+    The default set is sized to finish within 10 minutes on 2 CPU cores (see README for measured figures).
+    `overrides` apply to every run (pre-training and fine-tuning), after the demo's own settings.
+    """
+    out_dir = Path(out_dir)
+    methods = tuple(methods) if methods else demo_methods()
+    for method in methods:  # before anything runs
+        if method_class(method).demo_config is None:
+            raise ValueError(f"method '{method}' has no demo config (its class sets demo_config = None)")
+    rows = []
+    for method in methods:
+        run_overrides = [f"train.out_dir={out_dir / method}", *(overrides or [])]
+        cfg = load_config(method_class(method).demo_config, run_overrides)
+        start = time.time()
+        run_dir = pretrain(cfg)
+        seconds = time.time() - start
+        metrics = json.loads((run_dir / "eval.json").read_text())
+        rows.append(method_row(method, cfg, seconds, metrics))
+    text = "Pre-training: retrieval on the test images\n\n" + format_table(rows, DEMO_COLUMNS)
+    if tasks:
+        starts = [*[(m, out_dir / m) for m in methods], ("scratch", None)]
+        task_rows = downstream_table(starts, tasks, out_dir / "finetune", [*DEMO_FINETUNE, *(overrides or [])])
+        steps = load_config(f"finetune_{tasks[0]}", [*DEMO_FINETUNE, *(overrides or [])]).train.steps
+        text += (f"\n\nFine-tuning ({steps} steps per task; scratch = the baseline without pre-training): "
+                 f"test accuracy %\n\n" + format_table(task_rows))
+    text += ("\n\nThis is a glimpse at one budget and one seed; for the comparison the methods' claims are about "
+             "(budgets x seeds x tasks, with floors), run benchmarks/data_efficiency.py and benchmarks/downstream.py.")
+    (out_dir / "results.md").write_text(text + "\n")
+    return text
+
+
+def method_row(method: str, cfg: RunConfig, seconds: float, m: dict[str, float]) -> dict[str, Any]:
+    """One table row: the method's headline protocol (`ranking`: itm_all, itm = ITC top-k re-ranked by ITM,
+    or itc) and its ITC ranking when it has one; metrics a method does not produce are left out ("-")."""
+    row: dict[str, Any] = {
+        "method": method,
+        "pairs": cfg.data.budget,
+        "steps": cfg.train.steps,
+        "run_s": round(seconds),  # pre-training + evaluation wall time
+        "chance_R@1": round(100.0 / cfg.eval.num_images, 2),
+    }
+
+    def value(key: str) -> Optional[float]:
+        found = m.get(f"eval/{key}", m.get(key))
+        return None if found is None else round(float(found), 1)
+
+    ranking = next((p for p in ("itm_all", "itm", "itc") if value(f"{p}/r_mean") is not None), None)
+    if ranking is not None:
+        row["ranking"] = ranking
+        columns = {"t2i_R@1": "img_r1", "i2t_R@1": "txt_r1", "r_mean": "r_mean", "hardneg": "hard_neg_acc"}
+        row.update({c: value(f"{ranking}/{k}") for c, k in columns.items() if value(f"{ranking}/{k}") is not None})
+    for column, key in {"itc_t2i_R@1": "itc/img_r1", "itc_r_mean": "itc/r_mean"}.items():
+        if value(key) is not None:
+            row[column] = value(key)
+    return row
+
+
+__all__ = ["DEMO_TASKS", "DOWNSTREAM_METRICS", "demo", "demo_methods", "downstream_table", "method_row"]

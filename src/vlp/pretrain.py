@@ -1,0 +1,90 @@
+"""`vlp pretrain`: pre-train a method on the configured data; returns the run directory.
+
+    from vlp.pretrain import pretrain
+    run_dir = pretrain("albef_tiny", overrides=["train.steps=50"])
+
+A run directory holds: `config.yaml` (resolved), `tokenizer.json`, `metrics.jsonl`, `checkpoint/`,
+`eval.json`, `loss_curve.png` and, for methods that rank by ITC, `retrieval_examples.png`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vlp.build import build_tokenizer, build_world, method_class_of, retrieval_set, world_class_words
+from vlp.config import ConfigError, RunConfig, dump_config, load_config
+from vlp.data.datasets import PairDataset, collate
+from vlp.data.regions import open_pretrain_source
+from vlp.evaluate import evaluate_method, has_itc, write_retrieval_figure
+from vlp.methods import build_method
+from vlp.models.model import VLModel
+from vlp.train import launch
+from vlp.train.loop import Trainer
+from vlp.viz import plot_loss_curve
+
+
+def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None, resume: str | Path | None = None) -> Path:
+    """Pre-train the method `method.name` on the configured data; returns the run directory.
+
+    Works unchanged under `torchrun` (DDP; gloo on CPU, NCCL on CUDA). Evaluation (retrieval by the
+    method's protocols, on the world's test split, for runs trained on the world), plots and the final
+    table are produced on rank 0.
+    """
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    if cfg.method.name == "none":
+        raise ConfigError("the config has no method section: set method.name (e.g. --method albef, or a shipped "
+                          "config such as albef_tiny)")
+    method_cls = method_class_of(cfg)
+    out_dir = Path(cfg.train.out_dir)
+    with launch.distributed_session(cfg.train.device):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        # User data (data.source: regions | karpathy, vlp.data.regions) brings its own tokenizer, dataset,
+        # collate function and class words; the embedded world is built for data.source: world only.
+        source = (open_pretrain_source(cfg, method_cls.region_feature_dim(cfg)) if cfg.data.source != "world"
+                  else None)
+        world = build_world(cfg) if source is None else None
+        tokenizer = build_tokenizer(cfg, world) if source is None else source.tokenizer
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(dump_config(cfg))
+            tokenizer.save(out_dir / "tokenizer.json")
+        launch.barrier()  # the other ranks' Trainer checks that tokenizer.json exists
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+        method = build_method(cfg, model, tokenizer,
+                              class_words=world_class_words() if source is None else source.class_words)
+        if source is None:
+            dataset = PairDataset(
+                world.split("train"), tokenizer, cfg.data.max_text_len, cfg.data.budget, max_words=cfg.data.max_text_len
+            )
+            collate_fn = collate
+        else:
+            dataset, collate_fn = source.dataset, source.collate_fn
+        # Same on every rank: the Trainer calls eval_fn on rank 0 only, but every rank must take part in
+        # the barrier that follows an eval (with eval_fn=None a rank skips it and rank 0 is left waiting).
+        # Retrieval is evaluated on the world's test split, so only for runs trained on the world.
+        evaluate = source is None and bool(method_cls.retrieval_protocols)
+        rset = retrieval_set(cfg, world, tokenizer) if evaluate and rank == 0 else None
+
+        def eval_fn(trained: torch.nn.Module, step: int) -> dict[str, float]:
+            return evaluate_method(trained, rset, cfg, trainer.device)
+
+        trainer = Trainer(
+            cfg, method, dataset, collate_fn, out_dir,
+            eval_fn=eval_fn if evaluate else None, tokenizer_json=str(out_dir / "tokenizer.json"),
+        )
+        records = trainer.fit(resume=resume)
+        if rank == 0:
+            final = [r for r in records if any(k.startswith("eval/") for k in r)]
+            if final:
+                (out_dir / "eval.json").write_text(json.dumps(final[-1], indent=2))
+            plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
+        if evaluate and rank == 0 and has_itc(method):  # the example figure ranks by ITC
+            write_retrieval_figure(method, rset, cfg, trainer.device, out_dir / "retrieval_examples.png")
+    return out_dir
+
+
+__all__ = ["pretrain"]
