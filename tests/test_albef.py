@@ -246,6 +246,7 @@ _WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process(tmp_path: Path):
     """ITC and ITM (negatives from the global batch) give the same losses and gradients on 2 ranks."""
     cfg = make_cfg(loss_weights={"itc": 1.0, "itm": 1.0, "mlm": 0.0})

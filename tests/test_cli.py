@@ -104,6 +104,7 @@ def test_downstream_table_refuses_unknown_tasks_before_training(tmp_path):
     assert not (tmp_path / "scratch").exists()  # nothing was fine-tuned
 
 
+@pytest.mark.slow
 def test_demo_prints_table(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), *TINY, "--set", "task.train_size=32",
                  "--set", "task.eval_size=12"]) == 0

@@ -548,6 +548,7 @@ def test_regions_truncation_and_whole_image_region(tok, batch):
     assert torch.isfinite(out["loss"])
 
 
+@pytest.mark.slow
 def test_amc_learns_above_chance(tok, world):
     """~100 AMC steps on a tiny procedural batch: loss falls, word and region accuracies far above chance
     (1/V ~ 0.0025, 1/(C+1) ~ 0.053) on masks never seen in training."""

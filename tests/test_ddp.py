@@ -43,6 +43,7 @@ def _results(tmp_path: Path, out: str) -> list[dict]:
     return [json.loads((tmp_path / out / f"records_rank{r}.json").read_text()) for r in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_two_process_training_matches_single_process_and_resumes_exactly(tmp_path):
     # Launch 1: a straight run in ddp/, then a run in resume/ that crashes in step 5 (checkpoint at 3).

@@ -97,6 +97,7 @@ def _compare(two: list[dict], one: list[dict], keys: tuple[str, ...], rel: float
                 assert a[key] == pytest.approx(b[key], rel=rel), (a["step"], key, a[key], b[key])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_torchrun_pretrain_matches_single_process(tmp_path):
     all_steps, later = range(1, STEPS + 1), range(2, STEPS + 1)

@@ -364,6 +364,7 @@ _WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_contrastive_loss_two_ranks_matches_one_process(tmp_path: Path):
     g = torch.Generator().manual_seed(3)
     image = torch.nn.functional.normalize(torch.randn(8, 6, generator=g), dim=1)

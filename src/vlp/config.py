@@ -78,7 +78,7 @@ class MethodConfig(Section):
     """Base of every pre-training method's `method` section: a tagged union on `name`.
 
     Each method declares its own subclass next to its code (`vlp/methods/<name>.py`, e.g.
-    `AlbefConfig(MethodConfig)` with `name: Literal["albef"] = "albef"` and its fields) and the method
+    `XConfig(MethodConfig)` with `name: Literal["x"] = "x"` and its fields) and the method
     registry (`vlp.methods`) registers it here with `register_method_config`; `build_config` validates the
     section against the class its `name` selects, so a key of another method is an error naming the method
     it belongs to. `name: none` (this base class, no fields) is a run without a pre-training method

@@ -19,7 +19,7 @@ import math
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -27,8 +27,15 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from vlp.data.lexicon import CLASSES, COLOURS
 from vlp.data.records import VE_LABELS
 
-if TYPE_CHECKING:  # imported for annotations only: world.py imports this module
-    from vlp.data.world import Scene, WorldSample
+
+
+class SceneLike(Protocol):
+    """What rendering reads of a `vlp.data.world.Scene` (world.py imports this module, so not the class)."""
+
+    image_size: int
+    background: Any
+    objects: Sequence[Any]
+    masks: Sequence[Any]
 
 # ---------------------------------------------------------------------------------------------
 # Object shapes, in unit coordinates of the nominal box (u right, v down, both in [0, 1]).
@@ -293,7 +300,7 @@ def render_background(spec: BackgroundSpec, image_size: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def render_scene(scene: "Scene", return_masks: bool = False) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
+def render_scene(scene: SceneLike, return_masks: bool = False) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
     """Render a scene graph to a uint8 (H, W, 3) image.
 
     With `return_masks=True` also return one full-size boolean (H, W) mask per object (the exact
@@ -387,7 +394,7 @@ def _write_grid(
 
 
 def render_grid(
-    samples: "Sequence[WorldSample]",
+    samples: Sequence[Any],  # vlp.data.world.WorldSample
     path: str | Path,
     cols: int = 4,
     scale: int = 2,

@@ -22,7 +22,7 @@ from vlp.data import lexicon
 from vlp.data.datasets import PairDataset, collate
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.world import WorldSplit
-from vlp.methods import build_method
+from vlp.methods import build_method, method_class
 from vlp.methods.cmal import Cmal, swap_fill
 from vlp.models.losses import IGNORE_INDEX
 from vlp.models.model import VLModel
@@ -49,7 +49,7 @@ def build_cmal_show(
     else:
         cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
         tokenizer, model = None, None
-    if cfg.method.name != "cmal":
+    if method_class(cfg.method.name) is not Cmal:
         raise ValueError(f"`cmal show` needs a CMAL run (method.name: cmal), but "
                          f"{checkpoint if checkpoint is not None else config} has method.name: {cfg.method.name}")
     world = build_world(cfg)
