@@ -7,6 +7,7 @@ only the state-dict keys."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,25 @@ def test_legacy_albef_queue_is_restored_into_the_feature_queue():
     again = _fresh_method("albef")
     again.load_state_dict(method.state_dict(), strict=True)
     assert torch.equal(again.queue.text, state["text_queue"])
+
+
+@pytest.mark.parametrize("name", ["albef", "cmal"])
+def test_v0_1_checkpoint_evaluates_to_the_numbers_it_was_written_with(name, tmp_path):
+    """`vlp eval retrieval --checkpoint` on a v0.1 checkpoint (flat method section, old queue keys) loads it
+    through the current config loader and method and reproduces the eval.json v0.1 wrote at the end of
+    its run; `vlp finetune` starts from it."""
+    from vlp.cli.main import main
+
+    written = json.loads((LEGACY / name / "eval.json").read_text())
+    out = tmp_path / "eval"
+    assert main(["eval", "retrieval", "--checkpoint", str(LEGACY / name), "--out", str(out),
+                 "--set", "train.device=cpu"]) == 0
+    again = json.loads((out / "eval.json").read_text())
+    compared = [k for k in again if f"eval/{k}" in written and "/" in k]
+    assert compared, again
+    for key in compared:
+        assert again[key] == pytest.approx(written[f"eval/{key}"], abs=1e-4), key
+    ft = tmp_path / "ft"
+    assert main(["finetune", "ve", "--checkpoint", str(LEGACY / name), "--out", str(ft), "--set", "train.steps=1",
+                 "--set", "train.batch_size=4", "--set", "task.train_size=4", "--set", "task.eval_size=4",
+                 "--set", "train.progress=false", "--set", "train.tensorboard=false"]) == 0

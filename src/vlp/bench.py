@@ -18,12 +18,13 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vlp.api import world_class_words
+from vlp.build import build_tokenizer, world_class_words
 from vlp.config import RunConfig, load_config
 from vlp.data.datasets import PairDataset, collate
 from vlp.data.world import World
 from vlp.methods import build_method
 from vlp.models.model import VLModel
+from vlp.train.launch import select_device
 from vlp.train.loop import Trainer
 from vlp.types import Batch
 
@@ -32,8 +33,6 @@ def world_batch(cfg: RunConfig, batch_size: int, device: torch.device) -> tuple[
     """A real training batch of the world at the config's image size (captions, boxes, region labels):
     every method gets the inputs it trains on (CMAL needs boxes and its class lexicon), and methods
     compared in one run see the same batch. Returns (batch, tokenizer)."""
-    from vlp.api import build_tokenizer
-
     world = World(seed=cfg.data.world_seed, image_size=cfg.model.vision.image_size, sizes={"train": batch_size})
     tokenizer = build_tokenizer(cfg, world)
     data = PairDataset(world.split("train"), tokenizer, cfg.data.max_text_len, max_words=cfg.data.max_text_len)
@@ -67,6 +66,10 @@ def bench_train_step(
 ) -> dict[str, float]:
     """Samples/s, step time, peak memory and MFU of `steps` optimizer steps on one real world batch.
 
+    `config` is a config name or path, optionally followed by `:key=value,key=value` overrides of that
+    config alone (e.g. `demo:method.loss_weights.itm=0,method.loss_weights.mlm=0`, ALBEF's ITC-only cost),
+    applied after the shared `overrides`.
+
     A method that samples one task per step (CMAL `task_mixing: ratio`) is timed over `steps` consecutive
     steps of its task schedule, so the mean step time is the one training sees (use enough steps for the
     mix to show: the ratio 1:3:2 needs ~12+); FLOPs are counted on the first step's task.
@@ -74,8 +77,9 @@ def bench_train_step(
     The step timed is the trainer's own (`Trainer.train_step`: autocast, GradScaler, gradient
     accumulation and clipping, LR schedule, `on_step_end`), built from the config's `train` section.
     """
-    cfg = load_config(config, overrides)
-    device = torch.device(cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    name, _, own = config.partition(":")  # CONFIG[:key=value,key=value]: overrides of this config alone
+    cfg = load_config(name, [*(overrides or []), *[o for o in own.split(",") if o]])
+    device = select_device(cfg.train.device)
     batch_size = batch_size or cfg.train.batch_size
     batch, tokenizer = world_batch(cfg, batch_size, device)
     torch.manual_seed(0)

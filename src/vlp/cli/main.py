@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench_command", required=True)
     bt = bsub.add_parser("train", help="samples/s, peak memory and MFU of a pre-training step (one real world batch)")
     bt.add_argument("--config", action="append", default=None,
-                    help="config to time (repeat to compare several in one run, e.g. albef_tiny and cmal_tiny)")
+                    help="config to time (repeat to compare several in one run, e.g. albef_tiny and cmal_tiny); "
+                         "CONFIG:key=value,key=value overrides that config alone")
     bt.add_argument("--batch-size", type=int, default=None)
     bt.add_argument("--steps", type=int, default=5)
     _add_set(bt)

@@ -50,6 +50,7 @@ from vlp.train.checkpoint import (
 )
 from vlp.train.distributed import all_reduce_mean, is_distributed, rank, world_size
 from vlp.train.optim import build_optimizer, build_scheduler
+from vlp.train.precision import autocast_dtype
 from vlp.train.sampler import StepBatchSampler, StepSampler, epoch_seed
 from vlp.types import Batch
 
@@ -139,7 +140,7 @@ class Trainer:
             raise FileNotFoundError(f"tokenizer file not found: {self.tokenizer_json}")
         self.sampler = StepSampler(len(dataset), tc.batch_size, self.world_size, self.rank, tc.grad_accum, tc.seed)
         self.method = method.to(self.device)
-        self.amp_dtype = self._resolve_precision(tc.precision)
+        self.amp_dtype = autocast_dtype(tc.precision, self.device, warn=True)
         self.optimizer = build_optimizer(self.method, tc)
         self.scheduler = build_scheduler(self.optimizer, tc)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -165,17 +166,6 @@ class Trainer:
         self._writer = None
 
     # ------------------------------------------------------------------------------- setup
-    def _resolve_precision(self, precision: str) -> Optional[torch.dtype]:
-        if precision == "fp32":
-            return None
-        if precision == "fp16" and self.device.type != "cuda":
-            warnings.warn("train.precision=fp16 needs CUDA; using bf16 autocast on CPU instead", stacklevel=3)
-            return torch.bfloat16
-        if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            warnings.warn("this GPU has no bf16 support; using fp16 autocast with a GradScaler", stacklevel=3)
-            return torch.float16
-        return torch.bfloat16 if precision == "bf16" else torch.float16
-
     def _autocast(self):
         if self.amp_dtype is None:
             return nullcontext()
