@@ -150,27 +150,27 @@ def test_momentum_update_and_queue():
     expected = 0.9 * ema_before + 0.1 * online.detach()
     torch.testing.assert_close(m_params[name].detach(), expected, atol=1e-7, rtol=1e-6)
     assert method.model.temp.item() == 0.5
-    assert int(method.queue_ptr) == 8 and int(method.queue_count) == 8
-    torch.testing.assert_close(method.image_queue[:8], feats_m)
-    assert method.queue_ids.tolist() == batch.image_ids.tolist() + [-1] * 4
+    assert int(method.queue.ptr) == 8 and int(method.queue.count) == 8
+    torch.testing.assert_close(method.queue.image[:8], feats_m)
+    assert method.queue.ids.tolist() == batch.image_ids.tolist() + [-1] * 4
 
     # second step wraps around the ring: slots 8..11 then 0..3
     batch2 = make_batch(seed=1)
     batch2.image_ids = batch2.image_ids + 100
     method(batch2)["loss"].backward()
     method.on_step_end()
-    assert int(method.queue_ptr) == 4 and int(method.queue_count) == 12
-    assert method.queue_ids.tolist() == [102, 102, 103, 103] + [2, 2, 3, 3] + [100, 100, 101, 101]
+    assert int(method.queue.ptr) == 4 and int(method.queue.count) == 12
+    assert method.queue.ids.tolist() == [102, 102, 103, 103] + [2, 2, 3, 3] + [100, 100, 101, 101]
 
     # evaluation forwards never enqueue
     method.eval()
     method(batch)
     method.on_step_end()
-    assert int(method.queue_ptr) == 4
+    assert int(method.queue.ptr) == 4
 
     method.reset_momentum()
-    assert torch.equal(m_params[name], online) and int(method.queue_count) == 0
-    assert (method.queue_ids == -1).all()
+    assert torch.equal(m_params[name], online) and int(method.queue.count) == 0
+    assert (method.queue.ids == -1).all()
 
 
 def test_queue_itc_matches_contrastive_loss_on_model_embeddings():
@@ -178,15 +178,15 @@ def test_queue_itc_matches_contrastive_loss_on_model_embeddings():
     first, second = make_batch(seed=0), make_batch(seed=1)
     method(first)
     method.on_step_end()  # enqueue the first batch's momentum features (ids 0..3)
-    assert int(method.queue_count) == 8
+    assert int(method.queue.count) == 8
     out = method(second)
     model = method.model
     with torch.no_grad():
         image = model.image_embed(model.encode_image(second.images).tokens)
         text = model.text_embed(model.encode_text(second.input_ids, second.attention_mask))
         expected = contrastive_loss(image, text, model.temperature(), second.image_ids,
-                                    image_queue=method.image_queue[:8], text_queue=method.text_queue[:8],
-                                    queue_ids=method.queue_ids[:8])
+                                    image_queue=method.queue.image[:8], text_queue=method.queue.text[:8],
+                                    queue_ids=method.queue.ids[:8])
         without_queue = contrastive_loss(image, text, model.temperature(), second.image_ids)
     assert out["itc"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert out["itc"].item() != pytest.approx(without_queue.item(), rel=1e-3)

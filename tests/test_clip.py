@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import fit_full_batch
 from vlp.build import world_class_words
 from vlp.cli.main import main
 from vlp.config import build_config, load_config
@@ -89,15 +90,8 @@ def test_logit_scale_is_clamped_and_fusion_is_frozen(tok):
 def test_itc_learns_to_match_images_and_captions(world, tok):
     method = tiny_clip(tok).train()
     batch = batch_of(world, tok, rows=16)
-    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=2e-3)
-    first = None
-    for _ in range(40):
-        out = method(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        method.on_step_end()
-        first = first if first is not None else out["loss"].item()
+    losses, out = fit_full_batch(method, batch, steps=40, lr=2e-3)
+    first = losses[0]
     assert out["loss"].item() < 0.5 * first
     assert out["itc_acc"].item() >= 4 / 16  # chance 1/16 (measured 7/16)
 

@@ -24,7 +24,7 @@ from vlp.build import (
 from vlp.data.render import render_grid, render_task_grid
 from vlp.data.world import World
 from vlp.data.world_tasks import world_task_data
-from vlp.demo import DEMO_TASKS, DOWNSTREAM_METRICS, demo, demo_methods, downstream_table, method_row
+from vlp.demo import DEMO_COLUMNS, DEMO_TASKS, DOWNSTREAM_METRICS, demo, demo_methods, downstream_table, method_row
 from vlp.evaluate import evaluate_checkpoint, evaluate_method
 from vlp.finetune import evaluate_task, finetune, finetune_config
 from vlp.methods import METHODS, method_class
@@ -64,9 +64,9 @@ def show_method(method: str, out: str | Path, **options: Any) -> Path:
 
 
 __all__ = [
-    "DEMO_TASKS", "DOWNSTREAM_METRICS", "EVAL_SPLIT_SIZE", "build_run_method", "build_tokenizer", "build_world",
+    "DEMO_COLUMNS", "DEMO_TASKS", "DOWNSTREAM_METRICS", "EVAL_SPLIT_SIZE", "build_run_method", "build_tokenizer", "build_world",
     "checkpoint_dir", "class_words_for", "demo", "demo_methods", "downstream_table", "evaluate_checkpoint",
     "evaluate_method", "evaluate_task", "finetune", "finetune_config", "load_checkpoint_method",
-    "load_checkpoint_model", "method_row", "pretrain", "retrieval_set", "show_method", "show_world",
+    "load_checkpoint_model", "method_class", "method_row", "pretrain", "retrieval_set", "show_method", "show_world",
     "world_class_words",
 ]

@@ -60,7 +60,7 @@ from vlp.methods.base import PretrainMethod
 from vlp.models.model import VLModel
 from vlp.models.momentum import FeatureQueue, ema_update_, momentum_copy
 from vlp.models.rng import sample_uniforms
-from vlp.models.roi import region_features
+from vlp.models.roi import box_regions
 from vlp.types import Batch, PairOutput
 
 class LossWeights(Section):
@@ -210,35 +210,11 @@ class Albef(PretrainMethod):
         cls = self.model.fuse(text, attention_mask, image.tokens).cls
         if region_boxes is None:
             return PairOutput(cls)
-        regions = region_features(image.grid, region_boxes[..., :4].float())
-        mask = (torch.ones(regions.shape[:2], dtype=torch.bool, device=regions.device) if region_mask is None
-                else region_mask.bool())
-        return PairOutput(cls, regions, mask)
+        return PairOutput(cls, *box_regions(image.grid, region_boxes, region_mask))
 
     @property
     def has_queue(self) -> bool:
         return self.queue is not None
-
-    # Read access under the pre-`FeatureQueue` buffer names (whole buffers, as before).
-    @property
-    def image_queue(self) -> Tensor:
-        return self.queue.image
-
-    @property
-    def text_queue(self) -> Tensor:
-        return self.queue.text
-
-    @property
-    def queue_ids(self) -> Tensor:
-        return self.queue.ids
-
-    @property
-    def queue_ptr(self) -> Tensor:
-        return self.queue.ptr
-
-    @property
-    def queue_count(self) -> Tensor:
-        return self.queue.count
 
     def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any, **kwargs: Any) -> None:
         """Rename the queue buffers of checkpoints written before `FeatureQueue` (`LEGACY_QUEUE_KEYS`)."""

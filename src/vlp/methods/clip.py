@@ -43,7 +43,7 @@ from vlp.config import MethodConfig, RunConfig
 from vlp.methods.base import PretrainMethod
 from vlp.models.losses import all_gather_no_grad, contrastive_loss, rank
 from vlp.models.model import VLModel
-from vlp.models.roi import region_features
+from vlp.models.roi import box_regions
 from vlp.types import Batch, PairOutput
 
 
@@ -150,10 +150,7 @@ class Clip(PretrainMethod):
         cls = torch.cat([text_hidden[:, 0], image.tokens[:, 0], text_emb * image_emb], dim=-1)
         if region_boxes is None:
             return PairOutput(cls)
-        regions = region_features(image.grid, region_boxes[..., :4].float())
-        mask = (torch.ones(regions.shape[:2], dtype=torch.bool, device=regions.device) if region_mask is None
-                else region_mask.bool())
-        return PairOutput(cls, regions, mask)
+        return PairOutput(cls, *box_regions(image.grid, region_boxes, region_mask))
 
 
 __all__ = ["Clip", "ClipConfig"]

@@ -15,6 +15,8 @@ outside [0, 1] reach them.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -50,3 +52,12 @@ def roi_align(grid: Tensor, boxes: Tensor, output_size: int = 2, sampling_ratio:
 def region_features(grid: Tensor, boxes: Tensor, output_size: int = 2, sampling_ratio: int = 2) -> Tensor:
     """grid (B,C,h,w), boxes (B,N,4) normalised xyxy -> (B,N,C): RoIAlign then mean over the s x s bins."""
     return roi_align(grid, boxes, output_size, sampling_ratio).mean(dim=(-2, -1))
+
+
+def box_regions(grid: Tensor, boxes: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Region vectors of an image grid at given boxes, for a downstream head (e.g. REC candidates of the
+    fusion / dual-encoder baselines): grid (B,C,h,w), boxes (B,N,4|7) normalised (xyxy first) ->
+    (features (B,N,C), mask (B,N) bool: `mask`, or all True)."""
+    feats = region_features(grid, boxes[..., :4].float())
+    real = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device) if mask is None else mask.bool()
+    return feats, real
