@@ -213,3 +213,14 @@ def test_cli_bad_index_is_a_clear_error(tmp_path, capsys):
 def test_cli_refuses_a_non_cmal_config(tmp_path, capsys):
     assert main(["show", "cmal", "--config", "albef_tiny", "--out", str(tmp_path / "x.png")]) == 2
     assert "method.name: cmal" in capsys.readouterr().err
+
+
+def test_show_names_the_methods_that_have_a_figure(tmp_path, capsys):
+    """`vlp show METHOD` asks the method class for its figure: a method without one is an error that
+    names those that have one, an unknown method names the registered ones."""
+    assert main(["show", "albef", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "method 'albef' has no inspection figure" in err and "cmal" in err
+    assert main(["show", "nosuch", "--out", str(tmp_path / "x.png")]) == 2
+    assert "unknown method 'nosuch'" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
