@@ -19,7 +19,6 @@ TINY = [*TINY_RUN, "--set", "model.vision.depth=1", "--set", "model.text.depth=1
 KEYS = {"ve": "test/acc", "rec": "test/gt_acc", "vqa": "test/acc", "nlvr2": "test/acc"}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("task", ["ve", "rec", "vqa", "nlvr2"])
 def test_finetune_each_task_from_scratch(task, tmp_path, capsys):
     out = tmp_path / task
@@ -37,7 +36,6 @@ def test_finetune_each_task_from_scratch(task, tmp_path, capsys):
     assert float(value) == pytest.approx(metrics[KEYS[task]], abs=0.01)
 
 
-@pytest.mark.slow
 def test_finetune_from_a_cmal_checkpoint(tmp_path):
     """The checkpoint's model, method and tokenizer are used (single-stream CMAL: regions as input)."""
     pre = tmp_path / "pre"
@@ -60,7 +58,6 @@ def test_finetune_errors(tmp_path, capsys):
     assert "easy-vqa" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_finetune_retrieval_continues_the_method(tmp_path, capsys):
     """Retrieval fine-tuning trains the method itself with its retrieval objectives only (ALBEF: no MLM,
     hard negatives) and is scored by `vlp eval retrieval` on the saved run."""

@@ -69,7 +69,6 @@ def test_bad_records_and_empty_dataset(tok):
         VEDataset([], ColourImages(), tok)
 
 
-@pytest.mark.slow
 def test_ve_learns_colour_entailment(tok):
     """8 examples, 80 steps of fine-tuning: train loss falls and the head fits them (above the 50 % of
     always answering one class)."""

@@ -119,7 +119,6 @@ def test_bad_records_and_metrics(tok):
     assert nlvr2_metrics(torch.ones(4, dtype=torch.long), recs) == {"acc": 50.0, "acc_true": 100.0, "acc_false": 0.0}
 
 
-@pytest.mark.slow
 def test_nlvr2_learns_which_side_is_named(tok):
     """8 examples (every combination, labels balanced), 60 steps: the loss falls and the accuracy on them
     rises above both chance (50 %) and the best rule blind to the named side (75 %), so the head uses the

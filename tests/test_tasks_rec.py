@@ -232,7 +232,6 @@ def test_padding_never_wins(tok):
     assert all(0 <= int(p) < len(r.candidates) for p, r in zip(pred, data.records))
 
 
-@pytest.mark.slow
 def test_rec_learns_coloured_squares(tok):
     """12 expressions, 40 steps of fine-tuning on GT boxes: the loss falls and the head grounds them,
     both on GT candidates and on proposals (the detected setting, UNITER's protocol: train on GT, test on

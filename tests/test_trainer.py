@@ -229,7 +229,6 @@ def test_batches_do_not_depend_on_num_workers(tmp_path):
 
 
 # ------------------------------------------------------------------------------- learning & accum
-@pytest.mark.slow
 def test_loss_decreases(tmp_path):
     cfg = make_cfg(steps=60, lr=3e-2, warmup_steps=5, log_every=10, ckpt_every=0)
     records = Trainer(cfg, toy(0, dropout=0.0), ToyData(), collate, tmp_path).fit()
