@@ -56,6 +56,7 @@ def test_finetune_errors(tmp_path, capsys):
     assert "checkpoint directory not found" in capsys.readouterr().err
     assert main(["finetune", "ve", "--data", "easy-vqa", "--out", str(tmp_path / "ve"), *TINY]) == 2
     assert "easy-vqa" in capsys.readouterr().err
+    assert not (tmp_path / "ve").exists()  # a failed start leaves no run directory
 
 
 def test_finetune_retrieval_continues_the_method(tmp_path, capsys):

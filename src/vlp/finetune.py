@@ -147,11 +147,6 @@ def finetune(task: str | None = None, checkpoint: str | Path | None = None, conf
     with launch.distributed_session(cfg.train.device):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         backbone, tokenizer = build_backbone(cfg)
-        if rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.yaml").write_text(dump_config(cfg))
-            tokenizer.save(out_dir / "tokenizer.json")
-        launch.barrier()
         if cfg.task.name == "retrieval":
             module, train_set, collate_fn, evaluate, data = _retrieval_parts(cfg, backbone, tokenizer, rank)
         else:
@@ -164,6 +159,11 @@ def finetune(task: str | None = None, checkpoint: str | Path | None = None, conf
         skipped = getattr(data, "skipped", None)
         if skipped:  # --skip-bad: never silent — counted in eval.json and printed with the first reasons
             print(f"{cfg.task.name}: {skipped}", file=sys.stderr)
+        if rank == 0:  # only once the data is read and checked: a failed start leaves no run directory
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(dump_config(cfg))
+            tokenizer.save(out_dir / "tokenizer.json")
+        launch.barrier()  # the other ranks' Trainer checks that tokenizer.json exists
 
         def eval_fn(trained: nn.Module, step: int) -> dict[str, float]:
             return evaluate(trained, trainer.device)
