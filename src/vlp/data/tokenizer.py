@@ -33,6 +33,8 @@ from torch import Tensor
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from vlp.data.lexicon import lexicon_words
+
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, CLS, SEP, MASK)
 SUBWORD_PREFIX = "##"
@@ -372,8 +374,6 @@ class TextTokenizer:
         Raises ValueError if the forced part alone exceeds `vocab_size`, or if a lexicon word still
         does not encode to a single token (e.g. it contains a character the normaliser splits on).
         """
-        from vlp.data.lexicon import lexicon_words
-
         lexicon = sorted({w.lower() for w in lexicon_words()})
         corpus = _world_train_captions(world, num_scenes)
         counts = _split_words(corpus, max_words=10_000)
