@@ -101,3 +101,11 @@ def test_v0_1_flat_method_dumps_still_load(name):
     partial = {"name": name, "mlm_prob": 0.2, "region_mask_prob": 0.3, "queue_size": 0}  # not a full v0.1 dump
     with pytest.raises(ConfigError, match="belongs to method"):
         build_config({"method": partial})
+
+
+def test_a_run_without_a_method_section_is_refused_naming_the_methods(tmp_path):
+    from vlp.pretrain import pretrain
+
+    with pytest.raises(ConfigError, match=r"no method section: set method\.name \(one of albef, clip, cmal"):
+        pretrain(build_config({}, [f"train.out_dir={tmp_path / 'run'}"]))
+    assert not (tmp_path / "run").exists()

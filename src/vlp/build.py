@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 import torch
 
-from vlp.config import RunConfig, load_config
+from vlp.config import ConfigError, MethodConfig, RunConfig, load_config
 from vlp.data import lexicon
 from vlp.data.datasets import RetrievalSet
 from vlp.data.regions import read_class_vocab
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.world import World
-from vlp.methods import PretrainMethod, build_method, method_class
+from vlp.methods import METHODS, PretrainMethod, build_method, method_class
 from vlp.models.model import VLModel
 from vlp.train.checkpoint import load_model_weights
 
@@ -117,5 +117,8 @@ def load_checkpoint_method(
 
 
 def method_class_of(cfg: RunConfig) -> type[PretrainMethod]:
-    """The registered class of the run's method (ConfigError for a config without one)."""
+    """The registered class of the run's method (ConfigError for a config without a method section)."""
+    if type(cfg.method) is MethodConfig:  # the base section: the config names no method
+        raise ConfigError(f"the config has no method section: set method.name (one of {', '.join(sorted(METHODS))}; "
+                          f"e.g. --method NAME, or start from a shipped config)")
     return method_class(cfg.method.name)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from vlp.build import build_tokenizer, build_world, method_class_of, retrieval_set, world_class_words
-from vlp.config import ConfigError, RunConfig, dump_config, load_config
+from vlp.config import RunConfig, dump_config, load_config
 from vlp.data.datasets import PairDataset, collate
 from vlp.data.regions import open_pretrain_source
 from vlp.evaluate import evaluate_method, has_itc, write_retrieval_figure
@@ -34,9 +34,6 @@ def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None,
     table are produced on rank 0.
     """
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
-    if cfg.method.name == "none":
-        raise ConfigError("the config has no method section: set method.name (e.g. --method albef, or a shipped "
-                          "config such as albef_tiny)")
     method_cls = method_class_of(cfg)
     out_dir = Path(cfg.train.out_dir)
     with launch.distributed_session(cfg.train.device):
