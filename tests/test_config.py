@@ -109,3 +109,11 @@ def test_a_run_without_a_method_section_is_refused_naming_the_methods(tmp_path):
     with pytest.raises(ConfigError, match=r"no method section: set method\.name \(one of albef, clip, cmal"):
         pretrain(build_config({}, [f"train.out_dir={tmp_path / 'run'}"]))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_changed_foreign_key_on_a_v0_1_dump_is_not_dropped_silently():
+    """v0.1 dumps carry the other methods' keys at their defaults (dropped); a changed one is the error."""
+    path = LEGACY / "albef" / "config.yaml"
+    with pytest.raises(ConfigError, match=r"'method\.region_mask_prob' belongs to method 'cmal'"):
+        load_config(path, ["method.region_mask_prob=0.2"])
+    assert load_config(path, ["method.mlm_prob=0.2"]).method.mlm_prob == 0.2

@@ -130,11 +130,17 @@ def method_config_class(name: str) -> type[MethodConfig]:
 
 def _legacy_method(section: dict) -> dict:
     """A v0.1 flat `method` dump (it holds every key of `LEGACY_FLAT_METHOD_KEYS`) reduced to the keys its
-    method's section has; anything else is returned unchanged."""
+    method's section has, plus any other key whose value is not that key's default: v0.1 wrote the other
+    methods' keys at their defaults, so a changed one (e.g. a `--set` on such a config) is kept and is then
+    the usual error naming the method it belongs to, never silently dropped. Anything else is unchanged."""
     if not LEGACY_FLAT_METHOD_KEYS <= set(section):
         return section
     fields = method_config_class(str(section["name"])).model_fields
-    return {k: v for k, v in section.items() if k in fields}
+    defaults: dict[str, Any] = {}
+    for other in METHOD_CONFIGS.values():
+        for key, value in other().model_dump(mode="json").items():
+            defaults.setdefault(key, value)
+    return {k: v for k, v in section.items() if k in fields or k not in defaults or v != defaults[k]}
 
 
 # ------------------------------------------------------------------------------------------ data
