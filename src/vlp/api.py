@@ -24,7 +24,9 @@ from vlp.build import (
 from vlp.data.render import render_grid, render_task_grid
 from vlp.data.world import World
 from vlp.data.world_tasks import world_task_data
-from vlp.demo import DEMO_COLUMNS, DEMO_TASKS, DOWNSTREAM_METRICS, demo, demo_methods, downstream_table, method_row
+from vlp.demo import (
+    DEMO_COLUMNS, DEMO_TASKS, DOWNSTREAM_METRICS, demo, demo_methods, downstream_table, method_row, text_floor_row,
+)
 from vlp.evaluate import evaluate_checkpoint, evaluate_method
 from vlp.finetune import evaluate_task, finetune, finetune_config
 from vlp.methods import METHODS, method_class
@@ -67,6 +69,6 @@ __all__ = [
     "DEMO_COLUMNS", "DEMO_TASKS", "DOWNSTREAM_METRICS", "EVAL_SPLIT_SIZE", "build_run_method", "build_tokenizer", "build_world",
     "checkpoint_dir", "class_words_for", "demo", "demo_methods", "downstream_table", "evaluate_checkpoint",
     "evaluate_method", "evaluate_task", "finetune", "finetune_config", "load_checkpoint_method",
-    "load_checkpoint_model", "method_class", "method_row", "pretrain", "retrieval_set", "show_method", "show_world",
+    "load_checkpoint_model", "method_class", "method_row", "pretrain", "retrieval_set", "show_method", "show_world", "text_floor_row",
     "world_class_words",
 ]

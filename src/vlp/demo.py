@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from vlp.config import RunConfig, load_config
-from vlp.finetune import finetune
+from vlp.finetune import finetune, finetune_config
 from vlp.methods import METHODS, method_class
 from vlp.pretrain import pretrain
+from vlp.taskdata import task_data
 from vlp.tasks.retrieval import headline_r_mean
+from vlp.tasks.text_floor import TEXT_FLOOR_TASKS, text_only_floor
 from vlp.viz import format_table
 
 # ------------------------------------------------------------------------------ downstream table
@@ -70,6 +72,23 @@ def downstream_table(starts: list[tuple[str, str | Path | None]], tasks: tuple[s
     return rows
 
 
+
+
+def text_floor_row(tasks: Sequence[str], overrides: list[str] | None = None) -> dict[str, Any]:
+    """The "text-only" row of a downstream table: for each task that has a text-only floor (VE, VQA, NLVR2,
+    `vlp.tasks.text_floor`), a bag-of-words classifier on the task text alone, fit on the same training
+    records the fine-tunes see (the shipped `finetune_<task>` config + `overrides`: `task.train_size`,
+    `task.eval_size`, the world of `task.init`) and scored on their test split with the same metric."""
+    row: dict[str, Any] = {"start": "text-only"}
+    for task in tasks:
+        if task not in TEXT_FLOOR_TASKS:
+            continue
+        cfg = finetune_config(task, overrides=list(overrides or []))
+        begin = time.time()
+        floor = text_only_floor(task, task_data(cfg), split="test")
+        row[DOWNSTREAM_METRICS[task][0]] = round(floor["text_only_acc"], 1)
+        row[f"{task}_s"] = round(time.time() - begin)
+    return row
 
 # Each method by its headline protocol (ITM over all pairs when it has it: the like-for-like column), with
 # the ITC ranking beside it for methods that have ITC.
@@ -145,4 +164,5 @@ def method_row(method: str, cfg: RunConfig, seconds: float, m: dict[str, float])
     return row
 
 
-__all__ = ["DEMO_TASKS", "DOWNSTREAM_METRICS", "demo", "demo_methods", "downstream_table", "method_row"]
+__all__ = ["DEMO_TASKS", "DOWNSTREAM_METRICS", "demo", "demo_methods", "downstream_table", "method_row",
+           "text_floor_row"]
