@@ -134,3 +134,6 @@ def test_demo_prints_table(tmp_path, capsys):
         assert json.loads((tmp_path / "finetune" / start / "ve" / "eval.json").read_text())["steps"] == 4
     assert json.loads((tmp_path / "finetune" / "cmal" / "rec" / "eval.json").read_text())["checkpoint"] == \
         str(tmp_path / "cmal")
+    floor = next(line for line in lines[at:] if line.startswith("| text-only "))  # the text-only floor row
+    cells = dict(zip(names, [c.strip() for c in floor.strip("|").split("|")]))
+    assert cells["REC_acc"] == "-" and 0 <= float(cells["VE_acc"]) <= 100 and 0 <= float(cells["VQA_acc"]) <= 100

@@ -129,9 +129,12 @@ def demo(out_dir: str | Path = "runs/demo", overrides: list[str] | None = None,
     if tasks:
         starts = [*[(m, out_dir / m) for m in methods], ("scratch", None)]
         task_rows = downstream_table(starts, tasks, out_dir / "finetune", [*DEMO_FINETUNE, *(overrides or [])])
+        if any(task in TEXT_FLOOR_TASKS for task in tasks):  # what the task text alone explains
+            task_rows.append(text_floor_row(tasks, [*DEMO_FINETUNE, *(overrides or [])]))
         steps = load_config(f"finetune_{tasks[0]}", [*DEMO_FINETUNE, *(overrides or [])]).train.steps
-        text += (f"\n\nFine-tuning ({steps} steps per task; scratch = the baseline without pre-training): "
-                 f"test accuracy %\n\n" + format_table(task_rows))
+        text += (f"\n\nFine-tuning ({steps} steps per task; scratch = the baseline without pre-training; text-only = "
+                 f"a bag-of-words classifier on the task text alone, the floor): test accuracy %\n\n"
+                 + format_table(task_rows))
     text += ("\n\nThis is a glimpse at one budget and one seed; for the comparison the methods' claims are about "
              "(budgets x seeds x tasks, with floors), run benchmarks/data_efficiency.py and benchmarks/downstream.py.")
     (out_dir / "results.md").write_text(text + "\n")
