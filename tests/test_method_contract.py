@@ -78,7 +78,7 @@ def test_declared_capabilities_are_consistent(name):
     assert cls.name == name and issubclass(cls, PretrainMethod)
     assert cls.config_class.model_fields["name"].default == name
     assert cls.retrieval_protocols and set(cls.retrieval_protocols) <= set(RETRIEVAL_PROTOCOLS)
-    assert set(cls.inputs) <= BATCH_INPUTS and "images" in cls.inputs or "region_feats" in cls.inputs
+    assert set(cls.inputs) <= BATCH_INPUTS and ("images" in cls.inputs or "region_feats" in cls.inputs)
     assert cls.demo_config is not None and load_config(cls.demo_config).method.name == name
     cfg = load_config(cls.demo_config)
     assert method_class_of(cfg) is cls

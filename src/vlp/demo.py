@@ -17,7 +17,7 @@ from vlp.finetune import finetune, finetune_config
 from vlp.methods import METHODS, method_class
 from vlp.pretrain import pretrain
 from vlp.taskdata import task_data
-from vlp.tasks.retrieval import headline_r_mean
+from vlp.tasks.retrieval import HEADLINE_KEYS, headline_r_mean
 from vlp.tasks.text_floor import TEXT_FLOOR_TASKS, text_only_floor
 from vlp.viz import format_table
 
@@ -156,7 +156,7 @@ def method_row(method: str, cfg: RunConfig, seconds: float, m: dict[str, float])
         found = m.get(f"eval/{key}", m.get(key))
         return None if found is None else round(float(found), 1)
 
-    ranking = next((p for p in ("itm_all", "itm", "itc") if value(f"{p}/r_mean") is not None), None)
+    ranking = next((key.split("/")[0] for key in HEADLINE_KEYS if value(key) is not None), None)
     if ranking is not None:
         row["ranking"] = ranking
         columns = {"t2i_R@1": "img_r1", "i2t_R@1": "txt_r1", "r_mean": "r_mean", "hardneg": "hard_neg_acc"}

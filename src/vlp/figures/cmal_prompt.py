@@ -50,7 +50,7 @@ def build_cmal_show(
         cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
         tokenizer, model = None, None
     if method_class(cfg.method.name) is not Cmal:
-        raise ValueError(f"`cmal show` needs a CMAL run (method.name: cmal), but "
+        raise ValueError(f"`vlp show cmal` needs a CMAL run (method.name: cmal), but "
                          f"{checkpoint if checkpoint is not None else config} has method.name: {cfg.method.name}")
     world = build_world(cfg)
     if split == "unpaired_text":
@@ -68,8 +68,6 @@ def build_cmal_show(
         torch.manual_seed(cfg.train.seed)
         model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
     method = build_method(cfg, model, tokenizer, class_words=class_words_for(cfg))
-    if not isinstance(method, Cmal):
-        raise ValueError(f"method.name: cmal built a {type(method).__name__}, not vlp.methods.cmal.Cmal")
     return cfg, tokenizer, method.eval(), data
 
 

@@ -82,9 +82,8 @@ class Clip(PretrainMethod):
                              f"1 / init_temperature = {1.0 / cfg.init_temperature:g}")
         self.model = model
         self.cfg = cfg
-        tied = {id(p) for p in model.text.parameters()}  # the MLM decoder is the word embedding: keep it
-        for name, param in model.named_parameters():
-            if name.startswith(self.FROZEN) and id(param) not in tied:
+        for name, param in model.named_parameters():  # the tied MLM decoder is listed once, under text.
+            if name.startswith(self.FROZEN):
                 param.requires_grad_(False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
 
