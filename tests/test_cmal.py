@@ -470,8 +470,14 @@ def test_forward_real_tiny_batch_sum_mode(tok, batch):
     out["loss"].backward()
     for name, p in method.named_parameters():
         if name.startswith(("region_embed", "region_head", "model.fusion.blocks", "model.itm_head", "model.mlm_head",
-                            "model.text.word_embeddings", "model.vision.patch_embed", "log_tau")):
+                            "model.text.word_embeddings", "log_tau")):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+        if name.startswith("model.vision."):  # region_source: pixels (default): the ViT is not used
+            assert p.grad is None, name
+            assert name in method.unused_parameters()
+    vit = make_cmal(tok, task_mixing="sum", region_source="vit")
+    vit(batch)["loss"].backward()
+    assert vit.model.vision.patch_embed.weight.grad.abs().sum() > 0  # regions pooled from the ViT grid
 
 
 def test_ratio_mode_draws_one_task_per_step_1_3_2(tok, batch):
@@ -537,7 +543,7 @@ def test_regions_truncation_and_whole_image_region(tok, batch):
     with torch.no_grad():
         regions = method.regions(batch)
     B = len(batch)
-    assert regions.feats.shape == (B, 3, 32) and regions.boxes.shape == (B, 3, 7)
+    assert regions.feats.shape == (B, 3, 3 * 8 * 8) and regions.boxes.shape == (B, 3, 7)  # pixels, 8 x 8 bins
     assert torch.equal(regions.boxes[:, 0], torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]).expand(B, 7))
     assert (regions.labels[:, 0] == 0).all() and regions.mask[:, 0].all()
     assert torch.equal(regions.labels[:, 1:], batch.region_labels[:, :2] * batch.region_mask[:, :2])

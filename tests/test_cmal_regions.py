@@ -424,7 +424,7 @@ def test_cmal_reads_region_feats_instead_of_the_vit():
     assert regions.labels[:, 0].tolist() == [0, 0] and regions.boxes[0, 0].tolist() == [0, 0, 1, 1, 1, 1, 1]
     with pytest.raises(ValueError, match=r"region_feats have dim 16 .* set method.region_feat_dim: 16"):
         tiny_cmal()[0].regions(batch)  # configured for the ViT width (32)
-    with pytest.raises(ValueError, match=r"region_feat_dim=16, but these regions are RoI-pooled from the ViT grid"):
+    with pytest.raises(ValueError, match=r"region_feat_dim=16, but these regions are RoI-pooled from the images"):
         method.region_inputs(torch.zeros(2, 3, 32, 32), batch.region_boxes)
 
 

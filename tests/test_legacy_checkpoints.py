@@ -32,6 +32,8 @@ def _fresh_method(name: str):
     raw = yaml.safe_load((LEGACY / name / "config.yaml").read_text())
     model = {k: v for k, v in raw["model"].items() if k != "name"}
     method = {"name": name, **{k: raw["method"][k] for k in SHAPING[name]}}
+    if name == "cmal":
+        method["region_source"] = "vit"  # v0.1's only region features (the loader adds it to v0.1 dumps)
     cfg = build_config({"model": model, "method": method})
     tok = TextTokenizer.load(LEGACY / name / "tokenizer.json")
     torch.manual_seed(0)

@@ -57,7 +57,7 @@ def test_from_boxes_checks_before_encoding():
     def explode():
         raise AssertionError("the grid must not be computed for a misconfigured call")
 
-    with pytest.raises(ValueError, match=r"region_feat_dim=8, but these regions are RoI-pooled from the ViT grid"):
+    with pytest.raises(ValueError, match=r"region_feat_dim=8, but these regions are RoI-pooled from the images"):
         builder(feat_dim=8).from_boxes(explode, BOXES)
     with pytest.raises(ValueError, match=r"image grid must be \(B, 4, h, w\)"):
         builder().from_boxes(torch.zeros(2, 5, 3, 3), BOXES)
@@ -84,12 +84,13 @@ def test_cell_boxes_and_builder_validation():
         builder(max_regions=0)
 
 
-def test_cmal_delegates_to_the_builder_with_its_config():
+@pytest.mark.parametrize("source", ["vit", "pixels"])
+def test_cmal_delegates_to_the_builder_with_its_config(source):
     cfg = build_config({
         "model": {"size": "tiny", "vision": {"image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "heads": 2},
                   "text": {"width": 32, "depth": 0, "heads": 2, "max_len": 32},
                   "fusion": {"type": "single", "depth": 1, "heads": 2}},
-        "method": {"name": "cmal", "max_regions": 2, "grid_regions": 2},
+        "method": {"name": "cmal", "max_regions": 2, "grid_regions": 2, "region_source": source, "region_pixels": 4},
     })
     torch.manual_seed(0)
     model = VLModel(cfg.model, vocab_size=100, pad_id=0)
@@ -100,9 +101,9 @@ def test_cmal_delegates_to_the_builder_with_its_config():
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = method.region_inputs(images, BOXES, LABELS, MASK)
-        grid = model.encode_image(images).grid
+        grid = model.encode_image(images).grid if source == "vit" else images  # pixels: RoIAlign of the image
     want = method.region_builder.from_boxes(grid, BOXES, LABELS, MASK)
-    assert got.feats.shape == (2, 2, 32)
+    assert got.feats.shape == (2, 2, 32 if source == "vit" else 3 * 4 * 4)
     for a, b in zip((got.feats, got.boxes, got.labels, got.mask), (want.feats, want.boxes, want.labels, want.mask)):
         assert torch.equal(a, b)
     assert method.encode_regions(images, None)[1].shape == (2, 2, 7)  # grid_regions^2 = 4 cells, first 2 kept

@@ -102,6 +102,12 @@ LEGACY_FLAT_METHOD_KEYS = frozenset({
     "region_feat_dim", "grid_regions",
 })
 
+# Keys added to method sections after v0.1 whose default changed what a v0.1 run did: a v0.1 dump gets the
+# value v0.1 used (its regions were RoI-pooled from the ViT grid, its WRC was a mean over anchor pairs).
+LEGACY_FLAT_METHOD_DEFAULTS = {"region_source": "vit", "wrc_scale": "anchor_pairs"}
+# v0.1 defaults of keys whose default has changed since (a v0.1 dump holds them at these values).
+V0_1_METHOD_DEFAULTS = {"umse_norm": "sphere"}
+
 
 def register_method_config(section: type[MethodConfig]) -> type[MethodConfig]:
     """Register a method's config section under the default of its `name` field (idempotent)."""
@@ -136,10 +142,12 @@ def _legacy_method(section: dict) -> dict:
     if not LEGACY_FLAT_METHOD_KEYS <= set(section):
         return section
     fields = method_config_class(str(section["name"])).model_fields
+    section = {**{k: v for k, v in LEGACY_FLAT_METHOD_DEFAULTS.items() if k in fields}, **section}
     defaults: dict[str, Any] = {}
     for other in METHOD_CONFIGS.values():
         for key, value in other().model_dump(mode="json").items():
             defaults.setdefault(key, value)
+    defaults.update(V0_1_METHOD_DEFAULTS)
     return {k: v for k, v in section.items() if k in fields or k not in defaults or v != defaults[k]}
 
 

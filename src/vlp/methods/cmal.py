@@ -30,16 +30,20 @@ ITM: 50 % of rows get another image's regions, 2-way CE on the fused [CLS]; UNIT
 (quirk 6, reproduced: we have none); task sampling ITM:AMC:WRC = 1:3:2; τ init 0.07, clamped.
 
 Where we deviate or choose (each also a config flag where both behaviours matter):
-  * Region inputs (§3.1, §11.1), chosen per batch by what it carries (`Cmal.regions`; made by
-    `vlp.models.regions.RegionInputBuilder`):
+  * Region inputs (§3.1, §11.1), chosen per batch by what it carries (`regions`, shared with the UNITER
+    baseline in `vlp.models.single_stream`; made by `vlp.models.regions.RegionInputBuilder`):
       - `batch.region_feats` (precomputed BUTD / UNITER detector features, `data.source: regions`, read
         by `vlp.data.regions`): used as is, no RoIAlign, as the reference code does. The region
         embedding's input dim is `method.region_feat_dim` (BUTD: 2048), a config field so the model is
         built before data is read and checkpoints rebuild exactly. Labels come from the soft_labels
         with quirk 1 FIXED by default (`argmax(p[:, 1:])`; `data.region_labels_faithful: true`
         reproduces `argmax(p[:, 1:-1])`; see `vlp.data.regions.soft_labels_to_classes`).
-      - images + `region_boxes` (the world): RoIAlign features of the ground-truth boxes on our own ViT
-        patch grid (§11.1); labels are the world's classes (no argmax, so quirk 1 does not arise).
+      - images + `region_boxes` (the world): RoIAlign of the ground-truth boxes (§11.1) on the image's
+        pixels (`region_source: pixels`, default: s x s bins flattened, a learnt patch embedding of the
+        box, so the region says what it is, as a detector's feature does) or on our ViT's patch grid
+        (`region_source: vit`, v0.1: it carries no class, so AMC / WRC were solved without the image and
+        ITM stayed at chance; issue 11); labels are the world's classes (no argmax, so quirk 1 does not
+        arise).
       - images without boxes (`data.source: karpathy`): a `method.grid_regions` x `grid_regions` grid of
         cells as regions (§11.1 "fixed grid cells"), RoI-pooled the same way, labels 0.
     Without labels (grid cells, features without soft_labels, boxes without labels) nothing can be an
@@ -50,9 +54,11 @@ Where we deviate or choose (each also a config flag where both behaviours matter
     features its feature is the mean of the real regions'). `max_regions` keeps the first N regions
     (BUTD dumps are sorted by confidence).
   * Quirk 4 (scale mismatch: raw word embedding swapped with a LayerNormed region vector):
-    `umse_norm: sphere` (default, FIX) maps both e^w and e^v onto the sphere of radius sqrt(d)
-    (x * sqrt(d) / ||x||: the norm a LayerNorm output has before its affine), so swapped vectors are
-    scale-compatible as §4's "separate hypersphere spaces" asks; `umse_norm: none` reproduces the code.
+    `umse_norm: none` (default, reproduces the code) keeps it; `umse_norm: sphere` maps both e^w and e^v
+    onto the sphere of radius sqrt(d) (x * sqrt(d) / ||x||: the norm a LayerNorm output has before its
+    affine), so swapped vectors are scale-compatible as §4's "separate hypersphere spaces" asks. v0.1
+    defaulted to sphere; measured on the world it makes the swapped-in word as large as the box term
+    (~4 % of it in the code), a copy shortcut for AMC (issue 11), so the default follows the code.
   * `unimodal_layers` k (§4, [INFERRED]): 0 = code-faithful (e^w is the word embedding); k > 0 runs the
     text encoder's first k blocks over `text.embed(ids)` and k method-owned blocks over the region
     embeddings (masked regions hidden first) before the swap. The region-fill word vectors then come
@@ -64,8 +70,13 @@ Where we deviate or choose (each also a config flag where both behaviours matter
     labelled regions only (label 0 has no AMC target).
   * Text anchors carry [MASK] in `masked_ids` (the code keeps the id and overwrites the vector); the
     vector at the slot is the swapped region vector either way, so the encoder input is the same.
-  * Quirk 2 (WRC with padding inside the softmax and / (L_t·N)): FIXED by default (padding masked, mean
-    over anchor pairs, samples without anchors excluded); `wrc_faithful: true` reproduces the code.
+  * Quirk 2 (WRC with padding inside the softmax and / (L_t·N)): padding is masked out of the softmax by
+    default; the scale follows the code (`wrc_scale: reference`: / L_t·N_v of the real sizes, every sample
+    counts); `wrc_scale: anchor_pairs` (v0.1's default) is a mean over anchor pairs, ~39x the code's
+    scale, which dominated the gradients reaching the image side; `wrc_faithful: true` reproduces the
+    code entirely.
+  * `swap: false` (ablation, ours): AMC without the associative prompt: anchors stay [MASK] and their
+    partner regions are masked (zeroed) instead of receiving each other's vectors; same targets.
   * ITM negatives come from the local (micro-)batch, uniformly among rows of another image (UNITER draws
     a random image of the dataset); rows without any other image in the batch stay positive. ITM uses
     `VLModel.itm_head` on the fused [CLS] directly (no tanh pooler), like every method of this library.
@@ -96,23 +107,29 @@ from torch import Tensor, nn
 
 from pydantic import Field
 
-from vlp.config import MethodConfig, RunConfig, Section
+from vlp.config import RunConfig, Section
 from vlp.methods.base import PretrainMethod
 from vlp.models.anchors import (
     LexiconTable,
-    RegionEmbedding,
     anchor_rate,
     build_lexicon,
     detect_anchors,
     sample_partner,
     sample_uniform_index,
 )
-from vlp.models.layers import BERT_LN_EPS, Block
-from vlp.models.losses import IGNORE_INDEX, itm_loss, mask_tokens, mlm_loss
+from vlp.models.layers import Block
+from vlp.models.losses import IGNORE_INDEX, mask_tokens, mlm_loss
 from vlp.models.model import VLModel
-from vlp.models.regions import RegionInputBuilder, RegionInputs
-from vlp.models.rng import keyed_uniform, sample_uniforms
-from vlp.types import Batch, PairOutput
+from vlp.models.regions import RegionInputs
+from vlp.models.rng import keyed_uniform
+from vlp.models.single_stream import (
+    RegionClassifier,
+    RegionSingleStream,
+    RegionStreamConfig,
+    check_region_stream,
+    sphere,
+)
+from vlp.types import Batch
 
 SALT_PARTNER = 0x434D50  # "CMP": partner choice per token
 SALT_TEXT = 0x434D54  # "CMT": MLM draws per token (select, 80/10/10, random id)
@@ -133,27 +150,22 @@ class TaskMix(Section):
     wrc: float = 2.0
 
 
-class CmalConfig(MethodConfig):
-    """The `method:` section of CMAL (`name: cmal`; cmal.md §5, §8, §11; choices in the module docstring)."""
+class CmalConfig(RegionStreamConfig):
+    """The `method:` section of CMAL (`name: cmal`; cmal.md §5, §8, §11; choices in the module docstring).
+
+    Region inputs, `mlm_prob`, `region_mask_prob` (non-anchor regions masked in AMC; hard-coded 0.25 in the
+    code) and `itm_neg_prob` are the shared `RegionStreamConfig` fields."""
 
     name: Literal["cmal"] = "cmal"
-    mlm_prob: float = 0.15
-    region_mask_prob: float = 0.25  # non-anchor regions masked in AMC (hard-coded 0.25 in the code)
     unimodal_layers: int = 0  # UMSE Transformer layers per modality before the swap; 0 = code-faithful
-    umse_norm: Literal["none", "sphere"] = "sphere"  # none = code-faithful (quirk 4); sphere = both on radius sqrt(d)
+    umse_norm: Literal["none", "sphere"] = "none"  # none = code-faithful (quirk 4); sphere = both on radius sqrt(d)
     task_mixing: Literal["ratio", "sum"] = "ratio"  # ratio: one task per step (UNITER); sum: weighted sum
     task_ratio: TaskMix = Field(default_factory=TaskMix)  # ITM:AMC:WRC = 1:3:2 [CODE]
     task_weights: TaskMix = Field(default_factory=TaskMix)  # 'sum' mode, normalised by their sum
-    itm_neg_prob: float = 0.5  # UNITER ITM: share of rows whose image is replaced
     wrc_temperature: float = 0.07  # initial WRC tau (learnable, clamped to [0.001, 0.5])
     wrc_faithful: bool = False  # true = code's WRC normalisation (padding in softmax, / L_t*N; quirk 2)
-    max_regions: int = 100  # BUTD max_bb
-    whole_image_region: bool = False  # prepend a [0,0,1,1] region with label 0 (our addition)
-    # Input dim D of the region embedding. 0 = the ViT width (features RoI-pooled from the ViT grid);
-    # precomputed detector features (data.source: regions, task.region_features) need their D here
-    # (BUTD: 2048) so the model is built before data is read.
-    region_feat_dim: int = 0
-    grid_regions: int = 3  # images without boxes: a g x g grid of cells as regions (label 0, no anchors)
+    wrc_scale: Literal["reference", "anchor_pairs"] = "reference"  # per-sample sum / (L_t*N) as the code; or / |A|
+    swap: bool = True  # false = ablation: anchors masked, partner regions masked, no swap feature filling
 
 
 # ------------------------------------------------------------------------------------------ masking
@@ -368,14 +380,21 @@ def wrc_loss(
     reg_mask: Tensor,
     log_tau: Tensor,
     faithful: bool = False,
+    scale: Literal["reference", "anchor_pairs"] = "anchor_pairs",
 ) -> Tensor:
     """Word-region contrastive loss at anchor pairs (cmal.md §8.1).
 
     s_{t,i} = cos(H^w_t, H^v_i) / τ with τ = exp(log_tau) clamped to [0.001, 0.5];
     P(t, i) = softmax of s over all (t, i) pairs of the sample;  L = -(1/|A|) Σ_{(t,i) ∈ A} log P(t, i).
 
-    Default (FIX of quirk 2): padded tokens/regions are left out of the softmax, the sum is divided by
-    |A|, samples without anchors are excluded from the batch mean (0 when no sample has one).
+    FIX of quirk 2 (unless `faithful`): padded tokens/regions are left out of the softmax. Then the scale:
+      * `scale="anchor_pairs"`: each sample's sum is divided by its |A|, samples without anchors are
+        excluded from the batch mean (0 when no sample has one) — a mean per anchor pair;
+      * `scale="reference"` (the code's scale, the method's default): each sample's sum is divided by
+        L_t·N_v, its real token count times its real region count (the code divides by the padded sizes,
+        so its scale also depends on the batch's padding), and every sample counts in the batch mean.
+        With ~2 anchor pairs among ~12 x 5 slots the per-pair mean is ~30-40x larger, and it dominated
+        the gradients reaching the vision side (issue 11: grad norm 0.93 vs AMC 0.11 vs ITM 0.017).
     `faithful=True` reproduces the reference code: padded positions take part with similarity 0 (zero
     vectors), the sum is divided by T·N (the padded sizes) and every sample counts in the batch mean.
 
@@ -404,38 +423,20 @@ def wrc_loss(
     any_valid = valid.reshape(B, -1).any(dim=1)
     sim = sim.masked_fill(~valid & any_valid[:, None, None], float("-inf"))
     log_p = sim.reshape(B, -1).log_softmax(dim=-1).reshape(B, T, N)
+    total = -torch.where(pairs, log_p, torch.zeros_like(log_p)).sum(dim=(1, 2))
+    if scale == "reference":
+        slots = txt_mask.bool().sum(dim=1) * reg_mask.bool().sum(dim=1)
+        return (total / slots.clamp_min(1)).mean() if B else sim.sum() * 0.0
+    if scale != "anchor_pairs":
+        raise ValueError(f"wrc_loss scale must be 'reference' or 'anchor_pairs', got {scale!r}")
     count = pairs.sum(dim=(1, 2))
-    per_sample = -torch.where(pairs, log_p, torch.zeros_like(log_p)).sum(dim=(1, 2)) / count.clamp_min(1)
+    per_sample = total / count.clamp_min(1)
     has = (count > 0).float()
     return (per_sample * has).sum() / has.sum().clamp_min(1.0)
 
 
-# ------------------------------------------------------------------------------------------ heads
-class RegionClassifier(nn.Module):
-    """UNITER `RegionClassification`: Linear d->d, GELU, LayerNorm, Linear d->C+1 (class 0 = background)."""
-
-    def __init__(self, width: int, num_labels: int, init_std: float = 0.02) -> None:
-        super().__init__()
-        self.dense = nn.Linear(width, width)
-        self.act = nn.GELU(approximate="none")
-        self.norm = nn.LayerNorm(width, eps=BERT_LN_EPS)
-        self.out = nn.Linear(width, num_labels)
-        for linear in (self.dense, self.out):
-            nn.init.trunc_normal_(linear.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
-            nn.init.zeros_(linear.bias)
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        """hidden (..., d) -> logits (..., C+1)."""
-        return self.out(self.norm(self.act(self.dense(hidden))))
-
-
-def _sphere(x: Tensor) -> Tensor:
-    """x * sqrt(d) / ||x|| (0 stays 0): the norm of a LayerNorm output before its affine."""
-    return F.normalize(x, dim=-1) * math.sqrt(x.shape[-1])
-
-
 # ------------------------------------------------------------------------------------------ method
-class Cmal(PretrainMethod):
+class Cmal(RegionSingleStream, PretrainMethod):
     """CMAL pre-training objective around a single-stream `VLModel` (module docstring: choices & quirks).
 
     Args:
@@ -467,31 +468,31 @@ class Cmal(PretrainMethod):
     # ITM negatives come from the local micro-batch and AMC / WRC are means over each rank's own targets
     rank_independent_parts = ("anchor_rate", "anchors_per_caption")
 
+    OWNER = "CMAL"
+    ITM_SALT = SALT_ITM
+    no_label_consequence = (
+        "there are NO anchor points, so AMC reduces to masked-token prediction without swaps (plain MLM on the "
+        "text; label-0 regions have no class target) and WRC has no word-region pairs (its loss is 0); "
+        "anchor_rate is logged as 0. To train CMAL's associative tasks, the regions need class labels")
+
     # parameters each task reaches (others reach the shared encoder, embeddings and region embedding)
     TASK_PARAMETERS = {"itm": ("model.itm_head.",), "amc": ("region_head.", "model.mlm_head."), "wrc": ("log_tau",)}
 
     @classmethod
     def region_feature_dim(cls, cfg: RunConfig) -> Optional[int]:
         """`method.region_feat_dim`: the width of precomputed detector features (0 = regions are RoI-pooled
-        from the ViT grid, so the region embedding takes the ViT width)."""
+        from the images, `method.region_source`)."""
         return int(cfg.method.region_feat_dim)
 
     def unused_parameters(self) -> set[str]:
-        """The ITC projections and temperature of the shared model (CMAL has no ITC) and the fusion's own image
-        input layers (regions enter through `region_embed`); the heads of tasks that
-        may not run in a step (every task's under 'ratio' mixing, zero-weight tasks under 'sum'); the ViT
-        when regions are precomputed features (`region_feat_dim` > 0)."""
+        """What a region single stream never trains (`region_unused_prefixes`: the ITC parts, the fusion's own
+        image input path, the ViT unless regions are pooled from it) and the heads of tasks that may not run
+        in a step (every task's under 'ratio' mixing, zero-weight tasks under 'sum')."""
         if self.cfg.task_mixing == "ratio":
             off = set(TASKS)
         else:
             off = {t for t in TASKS if getattr(self.cfg.task_weights, t) == 0}
-        # the shared model's ITC parts, and the single-stream fusion's own image input path (CMAL feeds its
-        # region embedding to `encode_joint` instead)
-        prefixes = ["model.vision_proj.", "model.text_proj.", "model.temp", "model.fusion.image_proj.",
-                    "model.fusion.image_norm.", "model.fusion.modality_embed."]
-        prefixes += [p for task in off for p in self.TASK_PARAMETERS[task]]
-        if self.cfg.region_feat_dim > 0:  # precomputed features: batches carry no pixels
-            prefixes.append("model.vision.")
+        prefixes = self.region_unused_prefixes() + [p for task in off for p in self.TASK_PARAMETERS[task]]
         return {name for name, param in self.named_parameters()
                 if param.requires_grad and any(name.startswith(p) for p in prefixes)}
 
@@ -508,32 +509,20 @@ class Cmal(PretrainMethod):
     ) -> None:
         super().__init__()
         mcfg = model.cfg
-        if mcfg.fusion.type != "single":
-            raise ValueError("CMAL needs the single-stream encoder: set model.fusion.type: single")
+        check_region_stream(model, cfg)
         if lexicon.vocab_size != vocab_size:
             raise ValueError(f"the lexicon covers {lexicon.vocab_size} ids but the tokenizer has {vocab_size}: "
                              f"build it with the run's tokenizer")
         if not 0 <= cfg.unimodal_layers <= mcfg.text.depth:
             raise ValueError(f"method.unimodal_layers={cfg.unimodal_layers} must be in [0, model.text.depth="
                              f"{mcfg.text.depth}] (the text side uses the text encoder's first layers)")
-        if mcfg.text.type_vocab < 2:
-            raise ValueError("CMAL needs model.text.type_vocab >= 2 (type 1 marks the region slots, as UNITER)")
         for name in ("task_ratio", "task_weights"):
             mix = getattr(cfg, name)
             values = [getattr(mix, t) for t in TASKS]
             if min(values) < 0 or sum(values) <= 0:
                 raise ValueError(f"method.{name} must be >= 0 with a positive sum, got {mix}")
-        for name in ("mlm_prob", "region_mask_prob", "itm_neg_prob"):
-            if not 0.0 <= getattr(cfg, name) <= 1.0:
-                raise ValueError(f"method.{name} must be in [0, 1], got {getattr(cfg, name)}")
         if not TAU_MIN <= cfg.wrc_temperature <= TAU_MAX:
             raise ValueError(f"method.wrc_temperature must be in [{TAU_MIN}, {TAU_MAX}], got {cfg.wrc_temperature}")
-        if cfg.max_regions < 1:
-            raise ValueError(f"method.max_regions must be >= 1, got {cfg.max_regions}")
-        if cfg.region_feat_dim < 0:
-            raise ValueError(f"method.region_feat_dim must be >= 0 (0 = the ViT width), got {cfg.region_feat_dim}")
-        if cfg.grid_regions < 1:
-            raise ValueError(f"method.grid_regions must be >= 1 (a g x g grid of cells), got {cfg.grid_regions}")
         if lexicon.unmapped:
             warnings.warn(
                 f"CMAL lexicon: {len(lexicon.unmapped)} of {lexicon.num_classes} classes have no whole-word token "
@@ -549,8 +538,7 @@ class Cmal(PretrainMethod):
         self.register_buffer("special_ids", torch.tensor(sorted(int(i) for i in special_ids), dtype=torch.long),
                              persistent=False)
         self.register_buffer("class_token", lexicon.class_token.clone(), persistent=False)
-        self.region_feat_dim = cfg.region_feat_dim or mcfg.vision.width  # D of region_feats (or the ViT grid)
-        self.region_embed = RegionEmbedding(self.region_feat_dim, width, mcfg.fusion.dropout, mcfg.init_std)
+        self.init_region_stream(model, cfg)  # region_feat_dim, region_embed, _warned
         self.region_head = RegionClassifier(width, lexicon.num_classes + 1, mcfg.init_std)
         self.region_blocks = nn.ModuleList(
             Block(width, mcfg.fusion.heads, mcfg.fusion.mlp_ratio, norm="post", dropout=mcfg.fusion.dropout)
@@ -563,7 +551,6 @@ class Cmal(PretrainMethod):
                     nn.init.zeros_(module.bias)
         self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.wrc_temperature)))
         self.register_buffer("task_step", torch.zeros((), dtype=torch.long))
-        self._warned: set[str] = set()  # no-anchor causes already warned about (once each)
 
     @classmethod
     def from_config(
@@ -585,10 +572,7 @@ class Cmal(PretrainMethod):
         return cls(model, cfg.method, lexicon, mask_id=tokenizer.mask_id, special_ids=tokenizer.special_ids,
                    vocab_size=tokenizer.vocab_size, seed=cfg.train.seed)
 
-    # ------------------------------------------------------------------------------ randomness
-    def _uniforms(self, batch: Batch, shape: tuple[int, ...], salt: int) -> Tensor:
-        return sample_uniforms(batch.sample_keys, len(batch), shape, salt, batch.input_ids.device)
-
+    # ------------------------------------------------------------------------------ tasks of steps
     def task_for_step(self, step: int) -> str:
         """The task 'ratio' mixing runs at optimizer step `step`: P(task) ∝ task_ratio (seeded, batch-free)."""
         ratio = self.cfg.task_ratio
@@ -601,79 +585,19 @@ class Cmal(PretrainMethod):
             index -= 1
         return TASKS[index]
 
-    # ------------------------------------------------------------------------------ inputs
-    @property
-    def region_builder(self) -> RegionInputBuilder:
-        """Makes the region inputs from the current `method` config (`vlp.models.regions`)."""
-        cfg = self.cfg
-        return RegionInputBuilder(cfg.max_regions, cfg.whole_image_region, cfg.grid_regions, self.region_feat_dim,
-                                  self.model.cfg.vision.width, owner="CMAL")
+    def itm_steps(self, steps: int) -> int:
+        """How many of the first `steps` optimizer steps train ITM: every step under 'sum' mixing with an ITM
+        weight, else the steps whose task draw (`task_for_step`) is ITM (issue 11: ITM needs ~100-150 steps
+        to leave its prior, so every retrieval number is reported with this count)."""
+        if self.cfg.task_mixing == "sum":
+            return int(steps) if self.cfg.task_weights.itm > 0 else 0
+        return sum(self.task_for_step(step) == "itm" for step in range(int(steps)))
 
-    def regions(self, batch: Batch) -> RegionInputs:
-        """The batch's regions, by what it carries (module docstring "Region inputs"; cmal.md §3.1, §11.1):
-
-          region_feats + region_boxes     precomputed detector features, used as is   (`feature_inputs`)
-          images + region_boxes           RoIAlign on the ViT grid at the boxes        (`region_inputs`)
-          images, no region_boxes         grid_regions^2 grid cells, labels 0          (`region_inputs`)
-        Label-less inputs (grid cells, features without soft_labels, boxes without labels) cannot form
-        anchors: warned once per cause (`_warn_no_anchors`); the losses stay finite.
-        """
-        if batch.region_feats is not None:
-            if batch.region_boxes is None:
-                raise ValueError("CMAL got batch.region_feats without batch.region_boxes: every precomputed region "
-                                 "needs its normalised box")
-            if batch.region_labels is None:
-                self._warn_no_anchors("the precomputed region features carry no soft_labels (every region label is 0)")
-            return self.feature_inputs(batch.region_feats, batch.region_boxes, batch.region_labels, batch.region_mask)
-        if batch.images is None:
-            raise ValueError("CMAL needs images in the batch (region features are pooled from the ViT grid) or "
-                             "precomputed batch.region_feats")
-        if batch.region_boxes is None:
-            g = self.cfg.grid_regions
-            self._warn_no_anchors(f"the batch has images but no region boxes, so CMAL uses a {g}x{g} grid of cells "
-                                  f"as regions (method.grid_regions), all labelled 0")
-            return self.region_inputs(batch.images, self.region_builder.cell_boxes(len(batch), batch.images.device))
-        if batch.region_labels is None:
-            self._warn_no_anchors("the batch has region boxes but no region labels (every region label is 0)")
-        return self.region_inputs(batch.images, batch.region_boxes, batch.region_labels, batch.region_mask)
-
-    def _warn_no_anchors(self, cause: str) -> None:
-        """Warn ONCE per cause (per method instance) that the inputs cannot form anchors (§11.1)."""
-        if cause in self._warned:
-            return
-        self._warned.add(cause)
-        warnings.warn(
-            f"CMAL: {cause}, so there are NO anchor points (no region names an object class): AMC reduces to "
-            f"masked-token prediction without swaps (plain MLM on the text; label-0 regions have no class target) "
-            f"and WRC has no word-region pairs (its loss is 0); anchor_rate is logged as 0. To train CMAL's "
-            f"associative tasks, provide region boxes with class labels, or precomputed detector features with "
-            f"soft_labels plus data.class_vocab (the detector's objects_vocab.txt).",
-            UserWarning,
-            stacklevel=3,
-        )
-
-    def region_inputs(self, images: Tensor, region_boxes: Tensor, region_labels: Optional[Tensor] = None,
-                      region_mask: Optional[Tensor] = None) -> RegionInputs:
-        """`regions` from raw tensors: images (B,3,H,W), boxes (B,N,4|7) normalised xyxy, labels (B,N) or None
-        (all 0: ITM does not use labels), mask (B,N) bool or None (all real) -> RoIAlign features of the
-        boxes on the ViT grid (B,N',Dv), N' = min(N, max_regions) (+1 with `whole_image_region`)
-        (`RegionInputBuilder.from_boxes`)."""
-        return self.region_builder.from_boxes(lambda: self.model.encode_image(images).grid, region_boxes,
-                                              region_labels, region_mask)
-
-    def feature_inputs(self, region_feats: Tensor, region_boxes: Tensor, region_labels: Optional[Tensor] = None,
-                       region_mask: Optional[Tensor] = None) -> RegionInputs:
-        """Precomputed detector features (cmal.md §3.1, UNITER's BUTD inputs) used as is, no RoIAlign
-        (`RegionInputBuilder.from_features`): region_feats (B,N,D) with D = `method.region_feat_dim`,
-        region_boxes (B,N,4|7), labels (B,N) or None (all 0: no anchors), mask (B,N) or None (all real).
-        The first `max_regions` regions; with `whole_image_region` a [0,0,1,1] region (label 0) first whose
-        feature is the mean of the sample's real region features (our addition)."""
-        return self.region_builder.from_features(region_feats, region_boxes, region_labels, region_mask)
-
+    # ------------------------------------------------------------------------------ UMSE vectors
     def _norm(self, x: Tensor) -> Tensor:
-        return _sphere(x) if self.cfg.umse_norm == "sphere" else x
+        return sphere(x) if self.cfg.umse_norm == "sphere" else x
 
-    def _word_vectors(self, ids: Tensor, attn: Tensor) -> Tensor:
+    def word_vectors(self, ids: Tensor, attn: Tensor) -> Tensor:
         """UMSE text side e^w (B,T,d): the word embedding (k = 0) or k text layers over embed(ids)."""
         text = self.model.text
         if self.cfg.unimodal_layers == 0:
@@ -683,34 +607,17 @@ class Cmal(PretrainMethod):
             x = block(x, mask=attn)
         return self._norm(x)
 
-    def _region_vectors(self, regions: RegionInputs, hide: Optional[Tensor] = None) -> Tensor:
-        """UMSE region side e^v (B,N,d): LN_v(W_v v) (k = 0) or k region layers over the full embedding."""
+    def region_vectors(self, regions: RegionInputs, hide: Optional[Tensor] = None) -> Tensor:
+        """UMSE region side e^v (B,N,d): LN_v(W_v v) (k = 0; `hide` is applied by `swap_fill`) or k region
+        layers over the full embedding (`hide`: regions zeroed before those layers)."""
         e = self.region_embed.project(regions.feats)
         if self.region_blocks:
             if hide is not None:
                 e = e.masked_fill(hide[:, :, None], 0.0)
-            e = self.region_embed.finish(e, regions.boxes, self._region_type())
+            e = self.region_embed.finish(e, regions.boxes, self.region_type())
             for block in self.region_blocks:
                 e = block(e, mask=regions.mask)
         return self._norm(e)
-
-    def _region_type(self) -> Tensor:
-        return self.model.text.token_type_embeddings.weight[1]
-
-    def _encode(self, word_vecs: Tensor, region_vecs: Tensor, boxes: Tensor, attn: Tensor,
-                region_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Slot terms after the swap, then the single-stream encoder: -> (text (B,T,d), regions (B,N,d)).
-
-        text   x^w = Dropout(LN(ẽ^w + P[t] + S[0]))           (`TextEncoder.embed(word_embeds=...)`)
-        region x^v = Dropout(LN(ẽ^v + LN_p(W_p b) + S[1]))    (`RegionEmbedding.finish`, S = text type rows)
-        """
-        T = word_vecs.shape[1]
-        x_w = self.model.text.embed(word_embeds=word_vecs)
-        x_v = self.region_embed.finish(region_vecs, boxes, self._region_type())
-        joint = torch.cat([x_w, x_v], dim=1)
-        joint_mask = torch.cat([attn.bool(), region_mask.bool()], dim=1)
-        out = self.model.fusion.encode_joint(joint, joint_mask)
-        return out[:, :T], out[:, T:]
 
     # ------------------------------------------------------------------------------ tasks
     def anchors(self, batch: Batch, regions: RegionInputs) -> Tensor:
@@ -736,14 +643,20 @@ class Cmal(PretrainMethod):
         """AMC (§5, §7): returns amc_word, amc_region (differentiable), acc_word, acc_region."""
         ids, attn = batch.input_ids, batch.attention_mask
         partner, masking = self.mask(batch, regions, pairs)
-        source_ids = torch.where(partner >= 0, ids, masking.masked_ids)  # anchors show their real word
-        if self.cfg.unimodal_layers == 0:
-            word_vecs, source = self._word_vectors(source_ids, attn), None  # anchor slots are overwritten
+        if not self.cfg.swap:  # ablation: anchors stay [MASK], their partner regions are masked (zeroed)
+            hidden = masking.region_masked | masking.region_swapped
+            word_vecs = self.word_vectors(masking.masked_ids, attn)
+            region_vecs = self.region_vectors(regions, hide=hidden)
+            hybrid_w, hybrid_r = swap_fill(word_vecs, region_vecs, torch.full_like(partner, -1), hidden)
         else:
-            word_vecs, source = self._word_vectors(masking.masked_ids, attn), self._word_vectors(source_ids, attn)
-        region_vecs = self._region_vectors(regions, hide=masking.region_masked)
-        hybrid_w, hybrid_r = swap_fill(word_vecs, region_vecs, partner, masking.region_masked, source)
-        txt_h, reg_h = self._encode(hybrid_w, hybrid_r, regions.boxes, attn, regions.mask)
+            source_ids = torch.where(partner >= 0, ids, masking.masked_ids)  # anchors show their real word
+            if self.cfg.unimodal_layers == 0:
+                word_vecs, source = self.word_vectors(source_ids, attn), None  # anchor slots are overwritten
+            else:
+                word_vecs, source = self.word_vectors(masking.masked_ids, attn), self.word_vectors(source_ids, attn)
+            region_vecs = self.region_vectors(regions, hide=masking.region_masked)
+            hybrid_w, hybrid_r = swap_fill(word_vecs, region_vecs, partner, masking.region_masked, source)
+        txt_h, reg_h = self.encode_joint_pair(hybrid_w, hybrid_r, regions.boxes, attn, regions.mask)
         out = amc_loss(txt_h, reg_h, masking.txt_labels, masking.region_targets, self.model.mlm_logits,
                        self.region_head)
         return {"amc_word": out.loss_word, "amc_region": out.loss_region,
@@ -752,123 +665,10 @@ class Cmal(PretrainMethod):
     def wrc(self, batch: Batch, regions: RegionInputs, pairs: Tensor) -> Tensor:
         """WRC (§8.1) on the clean pair."""
         attn = batch.attention_mask
-        txt_h, reg_h = self._encode(self._word_vectors(batch.input_ids, attn), self._region_vectors(regions),
-                                    regions.boxes, attn, regions.mask)
-        return wrc_loss(txt_h, reg_h, pairs, attn, regions.mask, self.log_tau, faithful=self.cfg.wrc_faithful)
-
-    def itm_rows(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """(rows (B,), negative (B,) bool): whose regions each caption is paired with in ITM.
-
-        A row is a negative with p = itm_neg_prob (keyed draw); its regions come from a row of another
-        image (uniform among them; `image_ids`, or every row its own image when None). Rows of a batch
-        holding a single image stay positive.
-        """
-        B, device = len(batch), batch.input_ids.device
-        image_ids = batch.image_ids if batch.image_ids is not None else torch.arange(B, device=device)
-        draws = self._uniforms(batch, (2,), SALT_ITM)
-        other = image_ids[:, None] != image_ids[None, :]
-        other_row = sample_uniform_index(other, draws[:, 1])
-        negative = (draws[:, 0] < self.cfg.itm_neg_prob) & (other_row >= 0)
-        return torch.where(negative, other_row, torch.arange(B, device=device)), negative
-
-    def itm(self, batch: Batch, regions: RegionInputs) -> tuple[Tensor, Tensor]:
-        """ITM (§8.2): with p = itm_neg_prob a row's regions come from a row of another image -> (loss, acc)."""
-        ids, attn = batch.input_ids, batch.attention_mask
-        rows, negative = self.itm_rows(batch)
-        region_vecs = self._region_vectors(regions)[rows]
-        txt_h, _ = self._encode(self._word_vectors(ids, attn), region_vecs, regions.boxes[rows], attn,
-                                regions.mask[rows])
-        logits = self.model.itm_logits(txt_h[:, 0])
-        labels = (~negative).long()
-        accuracy = (logits.argmax(dim=1) == labels).float().mean()
-        return itm_loss(logits, labels), accuracy.detach()
-
-    # ------------------------------------------------------------------------------ downstream
-
-    @property
-    def pair_dims(self) -> tuple[int, int]:
-        """(D, Dr) of `encode_pair`: both the unified encoder's width."""
-        width = int(self.model.cfg.text.width)
-        return width, width
-
-    def encode_pair(self, images: Optional[Tensor], input_ids: Tensor, attention_mask: Tensor,
-                    region_boxes: Optional[Tensor] = None, region_mask: Optional[Tensor] = None,
-                    region_feats: Optional[Tensor] = None) -> PairOutput:
-        """Downstream encoding (UNITER / CMAL fine-tuning, cmal.md §9): the clean [text ; regions] sequence
-        through the unified encoder, as in the ITM task (no masking, no swap).
-
-        cls = the output at [CLS] (B, D); regions = the outputs at the region slots (B, N, D), conditioned
-        on the text by self-attention (UNITER's REC head scores these). Regions are, as in pre-training
-        (`regions`, cmal.md §3.1, §11.1):
-          * `region_feats` (B, N, Dv) with their `region_boxes` (B, N, 4|7) and `region_mask` (B, N):
-            precomputed detector features used as is (`feature_inputs`, no RoIAlign; `images` may be None;
-            Dv must be `method.region_feat_dim`) — UNITER / CMAL fine-tune on the BUTD features
-            (`task.region_features`);
-          * else RoIAlign of the ViT grid of `images` (B, 3, H, W) at the given boxes (REC candidates, or an
-            image's object boxes) or, without boxes, at `grid_regions`² grid cells.
-        The `whole_image_region` slot, when configured, is encoded but not returned, so `regions[:, i]` is
-        region i. More than `method.max_regions` regions is an error (REC candidates must all be scored).
-        """
-        if region_feats is not None:
-            if region_boxes is None:
-                raise ValueError("CMAL.encode_pair got region_feats without region_boxes: every precomputed region "
-                                 "needs its normalised box")
-        elif images is None:
-            raise ValueError("CMAL.encode_pair needs images (regions are pooled from the ViT grid) or precomputed "
-                             "region_feats with their region_boxes")
-        elif region_boxes is None:
-            region_boxes = self.region_builder.cell_boxes(images.shape[0], images.device)
-            region_mask = None
-        if region_boxes.shape[1] > self.cfg.max_regions:
-            raise ValueError(f"{region_boxes.shape[1]} regions per image exceed method.max_regions="
-                             f"{self.cfg.max_regions}: raise it (e.g. --set method.max_regions=N) to encode them all")
-        if region_feats is not None:
-            regions = self.feature_inputs(region_feats, region_boxes, None, region_mask)
-        else:
-            regions = self.region_inputs(images, region_boxes, None, region_mask)
-        txt_h, reg_h = self._encode(self._word_vectors(input_ids, attention_mask), self._region_vectors(regions),
-                                    regions.boxes, attention_mask, regions.mask)
-        skip = 1 if self.cfg.whole_image_region else 0
-        return PairOutput(txt_h[:, 0], reg_h[:, skip:], regions.mask[:, skip:])
-
-    # ------------------------------------------------------------------------------ retrieval
-    def encode_regions(self, images: Tensor, region_boxes: Optional[Tensor],
-                       region_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-image part of the ITM input, computed once per image for retrieval:
-        (region vectors e^v (B,N,d), 7-d boxes (B,N,7), region mask (B,N) bool), clean (no masking).
-        `region_boxes=None` (images without boxes, e.g. user Karpathy files): `grid_regions`² grid cells,
-        as in training (`regions`) and `encode_pair`."""
-        if region_boxes is None:
-            region_boxes = self.region_builder.cell_boxes(images.shape[0], images.device)
-            region_mask = None
-        regions = self.region_inputs(images, region_boxes, None, region_mask)
-        return self._region_vectors(regions), regions.boxes, regions.mask
-
-    def itm_pair_inputs(self, images: Tensor, region_boxes: Optional[Tensor],
-                        region_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-        """"itm_all" per-image part: `encode_regions`."""
-        return self.encode_regions(images, region_boxes, region_mask)
-
-    def itm_pair_scores(self, region_vecs: Tensor, boxes: Tensor, region_mask: Tensor, input_ids: Tensor,
-                        attention_mask: Tensor) -> Tensor:
-        """"itm_all" pair scores: `itm_scores_from_regions`."""
-        return self.itm_scores_from_regions(region_vecs, boxes, region_mask, input_ids, attention_mask)
-
-    def itm_scores_from_regions(self, region_vecs: Tensor, boxes: Tensor, region_mask: Tensor,
-                                input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """ITM positive logit (P,) of P pairs from `encode_regions` rows (P,N,·) and texts (P,T): one
-        single-stream forward per pair over the clean [text ; regions] (no masking, no swap)."""
-        txt_h, _ = self._encode(self._word_vectors(input_ids, attention_mask), region_vecs, boxes,
-                                attention_mask, region_mask)
-        return self.model.itm_logits(txt_h[:, 0])[:, 1]
-
-    def itm_scores(self, images: Tensor, region_boxes: Tensor, region_mask: Optional[Tensor], input_ids: Tensor,
-                   attention_mask: Tensor) -> Tensor:
-        """ITM positive-class logit (P,) of P (image, text) pairs, as in the ITM task on a clean pair
-        (UNITER retrieval score): images (P,3,H,W), region_boxes (P,N,4) xyxy, region_mask (P,N) bool or
-        None, input_ids / attention_mask (P,T). Rows are independent (eval mode: no dropout)."""
-        return self.itm_scores_from_regions(*self.encode_regions(images, region_boxes, region_mask),
-                                            input_ids, attention_mask)
+        txt_h, reg_h = self.encode_joint_pair(self.word_vectors(batch.input_ids, attn), self.region_vectors(regions),
+                                              regions.boxes, attn, regions.mask)
+        return wrc_loss(txt_h, reg_h, pairs, attn, regions.mask, self.log_tau, faithful=self.cfg.wrc_faithful,
+                        scale=self.cfg.wrc_scale)
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, batch: Batch) -> dict[str, Tensor]:

@@ -5,8 +5,8 @@ UNITER-style single-stream models (CMAL; VLMixer's visual tokens) read an image 
 
 * `from_features`: precomputed detector features (BUTD / UNITER dumps) used as is, no RoIAlign, as the
   UNITER / CMAL reference code does;
-* `from_boxes`: RoIAlign (`vlp.models.roi.region_features`) of the boxes on the ViT patch grid (§11.1:
-  "pool the image encoder's features at the boxes");
+* `from_boxes`: RoIAlign of the boxes on an image grid: the ViT patch grid (§11.1: "pool the image
+  encoder's features at the boxes"; 2 x 2 bins averaged) or the pixels (s x s bins flattened);
 * `cell_boxes` + `from_boxes`: a g x g grid of cells as the boxes of images that have none (§11.1 "fixed
   grid cells"), labels 0.
 
@@ -25,7 +25,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from vlp.models.roi import region_features
+from vlp.models.roi import region_features, roi_align
 
 
 def boxes_to_7d(boxes: Tensor) -> Tensor:
@@ -78,9 +78,11 @@ class RegionInputBuilder:
         whole_image_region: put a [0,0,1,1] region with label 0 first.
         grid_regions: g of the g x g cells used for images without boxes (`cell_boxes`), >= 1.
         feat_dim: Dv, the region feature width the consumer (e.g. a region embedding) takes.
-        grid_width: channels of the image grid (the ViT width) that `from_boxes` pools; pooled regions
-            need feat_dim == grid_width.
+        grid_width: channels C of the image grid that `from_boxes` pools (the ViT width, or 3 for pixels).
         owner: the name error messages give the consumer (e.g. "CMAL").
+        pool_size: 0 = RoIAlign with 2 x 2 bins averaged, a (C,) feature per box (ViT grids); s > 0 = s x s
+            bins flattened, a (C*s*s,) feature per box (pixels: a learnt patch embedding of the box).
+            `feat_dim` must equal C (pool 0) or C*s*s.
     """
 
     max_regions: int
@@ -89,11 +91,17 @@ class RegionInputBuilder:
     feat_dim: int
     grid_width: int
     owner: str = "the method"
+    pool_size: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_regions < 1 or self.grid_regions < 1:
-            raise ValueError(f"RegionInputBuilder needs max_regions >= 1 and grid_regions >= 1, got "
-                             f"{self.max_regions} and {self.grid_regions}")
+        if self.max_regions < 1 or self.grid_regions < 1 or self.pool_size < 0:
+            raise ValueError(f"RegionInputBuilder needs max_regions >= 1, grid_regions >= 1 and pool_size >= 0, "
+                             f"got {self.max_regions}, {self.grid_regions} and {self.pool_size}")
+
+    @property
+    def pooled_dim(self) -> int:
+        """The width of `from_boxes` features: C (pool 0) or C*s*s."""
+        return self.grid_width * (self.pool_size ** 2 if self.pool_size else 1)
 
     # ------------------------------------------------------------------------------ layout
     def layout(self, boxes: Tensor, labels: Optional[Tensor], mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -120,10 +128,10 @@ class RegionInputBuilder:
     # ------------------------------------------------------------------------------ inputs
     def from_boxes(self, grid: GridSource, boxes: Tensor, labels: Optional[Tensor] = None,
                    mask: Optional[Tensor] = None) -> RegionInputs:
-        """RoIAlign features of the boxes on an image grid (cmal.md §11.1).
+        """RoIAlign features of the boxes on an image grid (cmal.md §11.1): pooled per `pool_size`.
 
         Args:
-            grid: the image grid (B, Dv, h, w) (e.g. `VLModel.encode_image(images).grid`), or a function
+            grid: the image grid (B, C, h, w) (e.g. `VLModel.encode_image(images).grid`, or the pixels), or a function
                 returning it, called after the inputs are checked (a misconfigured call fails before the
                 image encoder runs).
             boxes: (B, N, 4 | 7) normalised x1, y1, x2, y2 [, w, h, w*h].
@@ -134,20 +142,23 @@ class RegionInputBuilder:
             RegionInputs with N' = min(N, max_regions) (+1 with `whole_image_region`) regions; labels of
             padded regions are 0.
         """
-        if self.feat_dim != self.grid_width:
+        if self.feat_dim != self.pooled_dim:
             raise ValueError(
-                f"method.region_feat_dim={self.feat_dim}, but these regions are RoI-pooled from the ViT grid "
-                f"(width {self.grid_width}): set method.region_feat_dim: 0 for image inputs, or feed precomputed "
-                f"batch.region_feats of dim {self.feat_dim}"
+                f"method.region_feat_dim={self.feat_dim}, but these regions are RoI-pooled from the images "
+                f"(features of width {self.pooled_dim}): set method.region_feat_dim: 0 for image inputs, or feed "
+                f"precomputed batch.region_feats of dim {self.feat_dim}"
             )
         boxes, labels, mask = self.layout(boxes, labels, mask)
         if self.whole_image_region:
             boxes, labels, mask = self.prepend_whole(boxes, labels, mask)
         labels = torch.where(mask, labels, torch.zeros_like(labels))
         grid = grid() if callable(grid) else grid
-        if grid.dim() != 4 or grid.shape[1] != self.feat_dim:
-            raise ValueError(f"the image grid must be (B, {self.feat_dim}, h, w), got {tuple(grid.shape)}")
-        feats = region_features(grid, boxes[..., :4])
+        if grid.dim() != 4 or grid.shape[1] != self.grid_width:
+            raise ValueError(f"the image grid must be (B, {self.grid_width}, h, w), got {tuple(grid.shape)}")
+        if self.pool_size:
+            feats = roi_align(grid, boxes[..., :4], self.pool_size).flatten(2)
+        else:
+            feats = region_features(grid, boxes[..., :4])
         return RegionInputs(feats, boxes_to_7d(boxes), labels, mask)
 
     def from_features(self, feats: Tensor, boxes: Tensor, labels: Optional[Tensor] = None,
