@@ -12,10 +12,14 @@ import torch
 from torch import nn
 
 from vlp.tasks.retrieval import (
+    attach_colour_probes,
+    binomial_ci95,
     chance_recall,
     default_example_queries,
     evaluate_retrieval,
+    evaluate_retrieval_itm_all,
     hard_negative_accuracy,
+    pair_accuracy_metrics,
     recall_at_k,
     retrieval_examples,
     retrieval_ranks,
@@ -183,6 +187,30 @@ def test_hard_negative_accuracy():
     # wins: 1>0 yes, tie no, 3>5 no, nan no, .5>-1 yes -> 2/5
     assert hard_negative_accuracy(pos, neg) == pytest.approx(40.0)
     assert math.isnan(hard_negative_accuracy(torch.empty(0), torch.empty(0)))
+
+
+def test_binomial_ci95_wilson_contains_the_estimate_and_shrinks_with_n():
+    low, high = binomial_ci95(50, 100)  # Wilson by hand: 0.5 -+ 1.96 * 0.05095 / 1.03842
+    assert low == pytest.approx(40.383, abs=1e-3) and high == pytest.approx(59.617, abs=1e-3)
+    for k, n in ((0, 10), (10, 10), (3, 7), (1, 1000), (999, 1000)):
+        low, high = binomial_ci95(k, n)
+        assert 0.0 <= low <= 100 * k / n <= high <= 100.0, (k, n)
+        assert high > low  # never empty, even at 0 or n successes
+    widths = [binomial_ci95(n // 2, n)[1] - binomial_ci95(n // 2, n)[0] for n in (10, 100, 1000, 10000)]
+    assert all(a > b for a, b in zip(widths, widths[1:]))
+    assert widths[2] / widths[3] == pytest.approx(math.sqrt(10), rel=0.01)  # 1 / sqrt(n)
+    assert all(math.isnan(v) for v in binomial_ci95(0, 0))
+    with pytest.raises(ValueError, match="successes <= n"):
+        binomial_ci95(5, 4)
+
+
+def test_pair_accuracy_metrics_keys_ties_and_interval():
+    pos = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.5])
+    neg = torch.tensor([0.0, 2.0, 5.0, float("nan"), -1.0])
+    m = pair_accuracy_metrics(pos, neg, "itc/colour_probe_acc")
+    assert set(m) == {"itc/colour_probe_acc", "itc/colour_probe_acc_ci_low", "itc/colour_probe_acc_ci_high"}
+    assert m["itc/colour_probe_acc"] == pytest.approx(40.0) == hard_negative_accuracy(pos, neg)  # ties, NaN lose
+    assert (m["itc/colour_probe_acc_ci_low"], m["itc/colour_probe_acc_ci_high"]) == binomial_ci95(2, 5)
 
 
 # ====================================================================== evaluation loop, fake model
@@ -433,3 +461,101 @@ def test_real_tiny_vlmodel_shapes_and_ranges():
     queries, topk = retrieval_examples(model, rset, num_queries=2, k=3, batch_size=3, k_rerank=2)
     assert queries == [0, 15] and topk.shape == (2, 3)
     assert topk.min() >= 0 and topk.max() < n_img
+
+
+# ====================================================================== colour probes (world + metric)
+def test_world_colour_probes_differ_from_the_true_caption_only_in_the_colour_word():
+    from vlp.data.lexicon import class_id_of_word, colour_of_word
+    from vlp.data.world import World
+
+    world = World(seed=2, image_size=64)
+    for split in ("train", "val", "test", "compositional"):
+        for index in range(40):
+            scene = world.scene(split, index)
+            if scene.colour_probe is None:
+                assert split == "train"  # eval scenes always have one
+                continue
+            true, false = (text.split() for text in scene.colour_probe)
+            assert len(true) == len(false)
+            (k,) = [k for k, (a, b) in enumerate(zip(true, false)) if a != b]
+            old, new = colour_of_word(true[k]), colour_of_word(false[k])
+            assert old and new and old != new, scene.colour_probe
+            assert true[k - 1] in ("a", "an") and k + 2 == len(true)  # "... a <colour> <noun>": one object
+            class_id = class_id_of_word(true[-1])
+            assert any(o.class_id == class_id and o.colour == old for o in scene.objects)  # true
+            assert not any(o.class_id == class_id and o.colour == new for o in scene.objects)  # false
+
+
+def _probe_model_and_set(itm_probe: torch.Tensor):
+    """3 images x 2 captions (S_3x2, as `_fake_3x2`); texts 6, 7, 8 are colour probes' false captions of
+    texts 0, 2, 4 (images 0, 1, 2). ITC: every true caption wins. ITM: `itm_probe` (3,) is the false
+    caption's logit against its image (true ones score .9, .1, 0)."""
+    txt_emb = torch.zeros(9, 3)
+    txt_emb[:6] = S_3x2.T
+    txt_emb[6:] = torch.tensor([[0.5, 0, 0], [0, 0.05, 0], [0, 0, -0.1]])
+    itm = torch.zeros(3, 9)
+    itm[:, :6] = S_3x2
+    itm[[0, 1, 2], [6, 7, 8]] = itm_probe
+    rset = _fake_set(3, T2I_3x2)
+    rset.colour_probe_image = torch.tensor([0, 1, 2])
+    rset.colour_probe_pos_ids, rset.colour_probe_pos_mask = _text_ids([0, 2, 4])
+    rset.colour_probe_neg_ids, rset.colour_probe_neg_mask = _text_ids([6, 7, 8])
+    return FakeModel(torch.eye(3), txt_emb, itm), rset
+
+
+def test_colour_probe_accuracy_oracle_ties_and_half_under_every_protocol():
+    # oracle: every true caption scores above its recoloured twin -> 100 % (ITC and ITM)
+    model, rset = _probe_model_and_set(torch.tensor([0.5, 0.0, -0.5]))
+    m = evaluate_retrieval(model, rset, batch_size=2, k_rerank=3)
+    assert m["itc/colour_probe_acc"] == m["itm/colour_probe_acc"] == 100.0
+    assert m["itm/colour_probe_acc_ci_low"] == pytest.approx(binomial_ci95(3, 3)[0]) and m["itm/colour_probe_acc_ci_high"] == 100.0
+    assert "itc/hard_neg_acc" not in m  # no hard pairs in this set
+    # constant scorer: every pair ties -> every probe lost (ties count against the model, as hard_neg_acc)
+    model, rset = _probe_model_and_set(torch.tensor([0.9, 0.1, 0.0]))
+    assert evaluate_retrieval(model, rset, batch_size=2, k_rerank=3)["itm/colour_probe_acc"] == 0.0
+    # one probe of two won -> 50 %, with an interval around it
+    model, rset = _probe_model_and_set(torch.tensor([0.5, 0.5, 0.0]))
+    rset.colour_probe_image = rset.colour_probe_image[:2]
+    for name in ("pos_ids", "pos_mask", "neg_ids", "neg_mask"):
+        setattr(rset, f"colour_probe_{name}", getattr(rset, f"colour_probe_{name}")[:2])
+    m = evaluate_retrieval(model, rset, batch_size=2, k_rerank=3)
+    assert m["itm/colour_probe_acc"] == 50.0
+    assert m["itm/colour_probe_acc_ci_low"] < 50.0 < m["itm/colour_probe_acc_ci_high"]
+    assert m["itm_forwards"] > 4  # the 2 probes' 4 ITM forwards come on top of re-ranking
+    # ITC only: no ITM probe keys
+    m0 = evaluate_retrieval(model, rset, batch_size=2, k_rerank=0)
+    assert m0["itc/colour_probe_acc"] == 100.0 and "itm/colour_probe_acc" not in m0
+
+    # itm_all (UNITER / CMAL): the pair scorer decides; oracle, constant and half
+    def scorer(truth: torch.Tensor):
+        def score(images, boxes, mask, ids, attn):
+            return truth[ids[:, 1] - TEXT_OFFSET]
+        return score
+
+    _, rset = _probe_model_and_set(torch.zeros(3))
+    oracle = torch.tensor([1.0] * 6 + [0.0] * 3)  # true captions 1, recoloured 0
+    assert evaluate_retrieval_itm_all(scorer(oracle), rset)["itm_all/colour_probe_acc"] == 100.0
+    assert evaluate_retrieval_itm_all(scorer(torch.ones(9)), rset)["itm_all/colour_probe_acc"] == 0.0
+    half = torch.tensor([1.0] * 6 + [0.0, 2.0, 0.0])  # probe 1 lost
+    m = evaluate_retrieval_itm_all(scorer(half), rset)
+    assert m["itm_all/colour_probe_acc"] == pytest.approx(200 / 3)
+    assert m["itm_all/colour_probe_acc_ci_low"] < 200 / 3 < m["itm_all/colour_probe_acc_ci_high"]
+    assert m["itm_forwards"] == 3 * 6 + 2 * 3
+
+
+def test_attach_colour_probes_tokenises_the_worlds_probes(world, tok):
+    from vlp.data.datasets import RetrievalSet
+
+    split = world.split("val")
+    rset = attach_colour_probes(RetrievalSet.build(split, tok, 32, num_images=4), split, tok, 32)
+    assert rset.colour_probe_image.tolist() == [0, 1, 2, 3]  # every val scene has a probe
+    texts = [split.scene(i).colour_probe for i in range(4)]
+    pos_ids, pos_mask = tok.encode([t for t, _ in texts], 32)
+    neg_ids, neg_mask = tok.encode([f for _, f in texts], 32)
+    assert torch.equal(rset.colour_probe_pos_ids, pos_ids) and torch.equal(rset.colour_probe_neg_mask, neg_mask)
+    assert torch.equal(rset.colour_probe_neg_ids, neg_ids)
+    differs = (rset.colour_probe_pos_ids != rset.colour_probe_neg_ids).sum(dim=1)
+    assert (differs >= 1).all()  # the colour word's token(s)
+    # samples without probes (e.g. caption records of a user file) leave the set unchanged
+    bare = RetrievalSet.build(split, tok, 32, num_images=2)
+    assert attach_colour_probes(bare, [SimpleNamespace()] * 2, tok, 32) is bare and bare.__dict__.get("colour_probe_image") is None

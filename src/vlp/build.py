@@ -19,6 +19,7 @@ from vlp.data.world import World
 from vlp.methods import METHODS, PretrainMethod, build_method, method_class
 from vlp.models.model import VLModel
 from vlp.train.checkpoint import load_model_weights
+from vlp.tasks.retrieval import attach_colour_probes
 
 EVAL_SPLIT_SIZE = 1000  # images in each of val / test / compositional
 
@@ -62,9 +63,11 @@ def build_tokenizer(cfg: RunConfig, world: World) -> TextTokenizer:
 def retrieval_set(cfg: RunConfig, world: World, tokenizer: TextTokenizer) -> RetrievalSet:
     if cfg.eval.num_images > EVAL_SPLIT_SIZE:
         raise ValueError(f"eval.num_images={cfg.eval.num_images} exceeds the world's {cfg.eval.split} split ({EVAL_SPLIT_SIZE} images)")
-    return RetrievalSet.build(
-        world.split(cfg.eval.split), tokenizer, cfg.data.max_text_len, cfg.eval.num_images, max_words=cfg.data.max_text_len
-    )
+    split = world.split(cfg.eval.split)
+    rset = RetrievalSet.build(split, tokenizer, cfg.data.max_text_len, cfg.eval.num_images,
+                              max_words=cfg.data.max_text_len)
+    # the one-object colour probe beside the attribute-swap hard negatives (`colour_probe_acc`)
+    return attach_colour_probes(rset, split, tokenizer, cfg.data.max_text_len, max_words=cfg.data.max_text_len)
 
 
 def build_run_method(cfg: RunConfig, tokenizer: TextTokenizer) -> torch.nn.Module:

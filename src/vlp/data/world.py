@@ -4,7 +4,8 @@ Implements world.md ("Scenes", "Text", "Splits"). A sample is a pure function of
 (world seed, split, index): every random draw comes from `numpy.random.default_rng([seed, split_code,
 index, stream])`, so `split[i]` is O(1), needs no files, and is identical across processes and
 machines. Streams: 0 = layout (objects, placement, background), 1 = captions, 2 = background noise
-pixels; separating them keeps the scene graph fixed when the grammar or the pixels change.
+pixels, 3 = the colour probe; separating them keeps the scene graph fixed when the grammar or the pixels
+change.
 
 Scenes
   1-6 objects (val/test/compositional: 2-6) of `lexicon.CLASSES`, each with a colour, size, style and
@@ -40,6 +41,17 @@ Hard negatives
   val/test/compositional scenes always have one: their first two objects have different colours and
   classes, and no later object carries either swapped (colour, class) combination. About 73% of
   train scenes have one (none is possible when all objects share a colour).
+
+Colour probe (`colour_probe`)
+  An easier companion of the hard pairs: one object, one colour, no binding between objects.
+  `Scene.colour_probe` is (true caption of one object, the same caption with only its colour word
+  changed), e.g. ("there is a red circle", "there is a blue circle"): an opener as list captions have
+  ("a picture of", "there is", or none), an indefinite article, the object's colour and class words. The new colour is one that no
+  object of that class has (so the probe is FALSE, checked with `caption_is_true`), whose word keeps
+  the article ("a red" -> "a blue", never "an orange"), and, outside the compositional split, names no
+  held-out combination. Object, opener, synonyms and the new colour are drawn from stream 3. Every
+  val/test/compositional scene has one (its first two objects differ in colour, so some object takes
+  an "a" colour word); a train scene whose only colour is orange has none (None).
 
 Compositional split (`HELD_OUT_COMBOS`)
   25 of the 198 (colour, class) combinations (about 1/8), chosen once from a fixed seed independent
@@ -122,7 +134,7 @@ REC, counts like "two circles")."""
 SAME_COLOUR_PROBABILITY = 0.4
 """Given a repeated class, chance that it also repeats that object's colour ("two red circles")."""
 
-_LAYOUT_STREAM, _CAPTION_STREAM, _PIXEL_STREAM = 0, 1, 2
+_LAYOUT_STREAM, _CAPTION_STREAM, _PIXEL_STREAM, _PROBE_STREAM = 0, 1, 2, 3
 _SCENE_ID_STRIDE = 1_000_000_000
 
 # ---------------------------------------------------------------------------------------------
@@ -219,12 +231,15 @@ class Scene:
     captions: tuple[str, ...]
     hard_pairs: tuple[tuple[str, str], ...]
     masks: tuple[PlacedMask, ...] = field(repr=False)
+    colour_probe: tuple[str, str] | None = None
+    """(true caption of one object, the same caption with another colour word): module docstring."""
 
 
 @dataclass(eq=False)
 class WorldSample:
     """One sample: `image` uint8 (H, W, 3) (None for the text-only `unpaired_text` split), the scene's
-    objects, NUM_CAPTIONS true captions, and hard pairs (true caption, colour-swapped false caption).
+    objects, NUM_CAPTIONS true captions, hard pairs (true caption, colour-swapped false caption) and the
+    colour probe (one object's true caption, the same with another colour word; None when impossible).
     `scene_id` is unique across the splits of one world: split_code * 1e9 + index. `relations` lists
     every true relation between objects (by index), for downstream labels. Compared by identity
     (holds an array)."""
@@ -239,6 +254,7 @@ class WorldSample:
     relations: list[Relation]
     image_size: int
     scene: Scene = field(repr=False)
+    colour_probe: tuple[str, str] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,6 +646,41 @@ def describe_scene(
     return [r.text for r in chosen], hard_pairs
 
 
+def colour_probe(
+    objects: Sequence[WorldObject],
+    image_size: int,
+    rng: np.random.Generator,
+    allow_held_out: bool = False,
+) -> tuple[str, str] | None:
+    """The one-object colour probe of a scene (module docstring, Colour probe): (true caption, the same
+    caption with only the colour word changed to a colour no object of that class has), or None when no
+    object admits one. Objects are tried in a seeded order; the new colour is drawn uniformly, then one
+    of its words with the same article."""
+    for k in rng.permutation(len(objects)):
+        obj = objects[int(k)]
+        phrase = NounPhrase(obj.class_id, obj.colour)
+        words: list[str] = []
+        opener = int(rng.integers(len(CAPTION_PREFIXES) + 1))
+        words += ["there", "is"] if opener == len(CAPTION_PREFIXES) else list(CAPTION_PREFIXES[opener])
+        position = _realise_phrase(phrase, rng, words, "indefinite")
+        article = words[position - 1]
+        choices: list[list[str]] = []
+        for colour in COLOURS:
+            spec = CaptionSpec("list", (replace(phrase, colour=colour.name),))
+            if colour.name == obj.colour or caption_is_true(spec, objects, image_size):
+                continue
+            if not allow_held_out and (colour.name, obj.class_id) in _HELD_OUT_IDS:
+                continue
+            same_article = [w for w in colour.words if indefinite_article(w) == article]
+            if same_article:
+                choices.append(same_article)
+        if choices:
+            negative = list(words)
+            negative[position] = _choice(rng, _choice(rng, choices))
+            return " ".join(words), " ".join(negative)
+    return None
+
+
 def _binding_pair(
     objects: Sequence[WorldObject],
     relations: Sequence[Relation],
@@ -848,6 +899,10 @@ def build_scene(seed: int, split: str, index: int, image_size: int) -> Scene:
     )
     if split in EVAL_SPLITS and not hard_pairs:
         raise RuntimeError(f"{split}[{index}] has no hard pair although eval scenes guarantee one (a bug)")
+    probe_rng = np.random.default_rng([seed, code, index, _PROBE_STREAM])
+    probe = colour_probe(objects, image_size, probe_rng, allow_held_out=(split == "compositional"))
+    if split in EVAL_SPLITS and probe is None:
+        raise RuntimeError(f"{split}[{index}] has no colour probe although eval scenes guarantee one (a bug)")
     return Scene(
         split=split,
         index=index,
@@ -859,6 +914,7 @@ def build_scene(seed: int, split: str, index: int, image_size: int) -> Scene:
         captions=tuple(captions),
         hard_pairs=tuple(hard_pairs),
         masks=tuple(masks),
+        colour_probe=probe,
     )
 
 
@@ -920,6 +976,7 @@ class WorldSplit(Sequence[WorldSample]):
             relations=list(scene.relations),
             image_size=scene.image_size,
             scene=scene,
+            colour_probe=scene.colour_probe,
         )
 
     def __iter__(self) -> Iterator[WorldSample]:

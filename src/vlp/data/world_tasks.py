@@ -13,7 +13,7 @@ Determinism and cost
   record whose plan that scene cannot support (a relation question about a one-object scene) moves on
   to scenes (i + k * 7919) mod N, at most `_MAX_SCAN` of them. A list of `count` records therefore
   costs O(count) scene builds (about 1 ms each, memoised across calls by `_cached_scene`; measured 0.5-2.2 ms
-  of CPU per record, 2,000 records per task and split). Splits: train records come from the world's train
+  of CPU per record, 2,000 records per task and split; VE 0.7-1.4 ms). Splits: train records come from the world's train
   split, val/test/compositional from theirs (`TASK_SPLITS`); the unpaired splits are refused.
 
 Class balance is exact by construction: labels are assigned in blocks (3 for VE, 2 for NLVR2, 10
@@ -25,26 +25,30 @@ class) combination (`vlp.data.world.HELD_OUT_COMBOS`), not even in a false state
 in train" (world.md "Splits") also holds for the task text.
 
 VE (SNLI-VE)
-  A hypothesis is a *visible claim* V, optionally extended by an *unrendered claim* U.
-  V kinds (same sampler for every label): exist "there is a red circle", count "the image shows
-  exactly two red circles" (exact), relation "a red circle is left of a blue star" (existential),
-  binding "a red circle and a blue star". U: an adjective for a property the renderer never draws,
-  put on an existential noun phrase ("a wooden red circle", `UNRENDERED_ADJECTIVES`: material,
-  weight, temperature, motion, ...), or a clause about what is outside the frame, hidden behind an
-  object, or what the shapes are made of (`UNRENDERED_CLAUSES`).
-  entailment = V true (per `caption_is_true`), no U; neutral = V true + U; contradiction = V made false
-  by one perturbation of a true V of the same kind (wrong colour of a present object, absent class,
-  wrong size or style, wrong count, false relation, colour swap between two phrases; verified false
-  with `caption_is_true`), with U added half of the time.
-  Remaining text cues (documented, measured by a hypothesis-only naive Bayes test): whether a
-  hypothesis carries U is visible in the text, and by definition neutral needs U and entailment
-  forbids it, so a text-only model can tell {entailment, contradiction} from {neutral, contradiction}:
-  its ceiling is 2/3 (chance 1/3), and separating entailment from contradiction, or neutral from
-  contradiction, needs the image. Count contradictions keep the number word 75% of the time (they
-  change the phrase instead), which leaves a weak number-word prior. Measured (world seed 0, 64 px,
-  naive Bayes on word uni+bigrams, 6,000 training hypotheses, 2,000 test): 3-way 0.58 (train split)
-  / 0.61 (val); entailment vs contradiction among hypotheses without U, balanced: 0.52 / 0.56
-  (chance 0.5).
+  world.md ("Labels") asks for a neutral that is about something the image cannot decide, hypotheses
+  that read alike across labels, and a hypothesis-only bag-of-words floor <= 40 %. A neutral built by
+  adding an unrendered part to a true statement ("a wooden red circle", "... hidden behind the star")
+  fails the last two: the added words mark neutral, and a text-only classifier reached 64 % (chance
+  33 %). So every hypothesis, whatever its label, has one template family, and only the image decides:
+    "the <superlative> <selector> is <predicate>"  /  "the <superlative> of the <selectors> is <predicate>"
+  superlative: an unrendered property (`VE_SUPERLATIVES`: oldest, newest, cheapest, most expensive, most
+  valuable; none suggested by a drawn one). selector (`VE_SELECTORS`): a class ("circle"), or a colour or
+  size with a generic noun ("red shape", "large objects"); its candidates are the objects it matches,
+  at least one (so "the oldest circle" exists), and the superlative picks one of them that the image
+  cannot identify. predicate (`VE_KINDS`): a colour ("is red"), a size ("is big"), a class ("is a star";
+  with colour or size selectors) or a relation to a landmark of the image ("is left of a blue star").
+  Label (`ve_label`, from `Scene.objects` / `Scene.relations`): entailment when the predicate holds for
+  every candidate (whichever the superlative picks), contradiction when it holds for none (a visible
+  fact contradicts it), neutral when it holds for some but not all (only the unrendered property could
+  decide). So a neutral and an entailment can be the same sentence on two images.
+  Balance: the form (selector, kind, whether the landmark carries a colour) is drawn before the label;
+  the scenes of the record's scan are tried until one has a claim of that form with the wanted label,
+  and one such claim is drawn uniformly (a neutral needs two candidates that disagree, so about half
+  of the neutrals move past scene i mod N: about 1.5 scene builds per record). Held-out combinations a
+  hypothesis names (selector class + predicate colour, landmark) are avoided like everywhere else.
+  Measured (world seed 0, 64 px): `vlp.tasks.text_floor` hypothesis-only floor 31.8 % at 4,000 train /
+  500 test records (was 64.2 %); no word or bigram seen >= 40 times in 4,000 train hypotheses has
+  more than half of its occurrences in one label.
 
 REC (RefCOCO)
   Targets are preferred that share their class with another object of the image (class alone is
@@ -279,22 +283,19 @@ def _phrase_words(
     phrase: NounPhrase,
     rng: np.random.Generator,
     determiner: str,
-    extra: str | None = None,
     plural: bool | None = None,
     lead: str | None = None,
 ) -> list[str]:
-    """Words of a noun phrase: determiner, [lead] [extra] size style colour noun.
+    """Words of a noun phrase: determiner, [lead] size style colour noun.
 
     determiner "a" (a/an), "the", "number" (the phrase's count as a word), or "" (none: "how many red
-    circles"). `extra` is an unrendered adjective (VE neutral), `lead` an extreme word ("leftmost").
+    circles"). `lead` is an extreme word ("leftmost").
     Plural when the count is above one, unless `plural` says otherwise. Synonyms are drawn from the
     lexicon like the caption grammar does.
     """
     words: list[str] = []
     if lead:
         words.append(lead)
-    if extra:
-        words.append(extra)
     if phrase.size is not None:
         words += list(_pick(rng, _SIZE_WORDS[phrase.size]))
     if phrase.style is not None:
@@ -328,6 +329,19 @@ def _count(phrase: NounPhrase, objects: Sequence[WorldObject]) -> int:
 
 def _relation_words(relation: str, rng: np.random.Generator) -> list[str]:
     return list(_pick(rng, RELATION_PHRASES[relation]))
+
+
+def _phrase_variants(phrase: NounPhrase) -> list[tuple[str, NounPhrase]]:
+    """(perturbation type, phrase) for every single-attribute change of `phrase` (VQA "no" existence
+    questions)."""
+    variants = [("colour", replace(phrase, colour=c)) for c in COLOUR_NAMES if c != phrase.colour]
+    if phrase.class_id is not None:
+        variants += [("class", replace(phrase, class_id=c.class_id)) for c in CLASSES if c.class_id != phrase.class_id]
+    if phrase.size is not None:
+        variants += [("size", replace(phrase, size=s)) for s in SIZE_NAMES if s != phrase.size]
+    if phrase.style is not None:
+        variants += [("style", replace(phrase, style=s)) for s in STYLE_NAMES if s != phrase.style]
+    return variants
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,183 +600,156 @@ def rec_record(world: World, split: str, index: int, _scenes: Callable[[int], Sc
 # VE
 # ---------------------------------------------------------------------------------------------
 
-VE_KINDS: tuple[str, ...] = ("exist", "count", "relation", "binding")
-_NUMBER_CHANGE_RATE = 0.25
-"""Share of count contradictions that change the number ("three red circles" for two); the others keep
-it and change the phrase ("two blue circles"), so number words stay a weak cue (true counts are mostly 1)."""
-_VE_KIND_WEIGHTS = np.array([0.3, 0.2, 0.3, 0.2])
-
-UNRENDERED_ADJECTIVES: tuple[str, ...] = (
-    "wooden", "metal", "plastic", "paper", "stone", "rubber", "heavy", "hot", "cold", "wet", "soft",
-    "moving", "spinning", "falling", "fragile", "expensive", "magnetic", "sticky",
+VE_SUPERLATIVES: tuple[tuple[str, ...], ...] = (
+    ("oldest",), ("newest",), ("cheapest",), ("most", "expensive"), ("most", "valuable"),
 )
-"""Properties the renderer never draws (material, weight, temperature, motion, value, ...)."""
+"""Superlatives of properties the renderer never draws (age, price, value). None is suggested by a drawn
+property (unlike "heaviest" ~ size or "warmest" ~ colour), so "the oldest circle" is one of the image's
+circles that the image cannot identify."""
 
-MATERIALS: tuple[str, ...] = ("wood", "metal", "plastic", "paper", "stone", "rubber")
+VE_SELECTORS: tuple[str, ...] = ("class", "colour", "size")
+"""The attribute that picks a hypothesis's candidates ("the oldest circle", "the oldest red shape",
+"the oldest large shape")."""
 
-UNRENDERED_CLAUSES: tuple[str, ...] = (
-    "and another shape lies just outside the picture",
-    "and more shapes are hidden outside the frame",
-    "and something is hidden behind the {noun}",
-    "and {pronoun} made of {material}",
-)
-"""Clauses about what the image cannot show ({noun}: the first phrase's noun; {pronoun}: "it is" /
-"they are" for it; {material}: one of MATERIALS)."""
+VE_KINDS: tuple[str, ...] = ("colour", "size", "class", "relation")
+"""What a hypothesis says about its referent ("is red", "is large", "is a circle", "is left of a star")."""
 
-_VE_OPENERS_SINGULAR: tuple[tuple[str, ...], ...] = (("there", "is"), ("the", "image", "shows"), ("the", "picture", "contains"), ())
-_VE_OPENERS_PLURAL: tuple[tuple[str, ...], ...] = (("there", "are"), ("the", "image", "shows"), ("the", "picture", "contains"), ())
+VE_FORMS: tuple[tuple[str, str], ...] = tuple((s, k) for s in VE_SELECTORS for k in VE_KINDS if s != k)
+"""(selector, kind) pairs, drawn uniformly before the label: 9 forms, a third of them relations."""
+
+_VE_LANDMARK_COLOUR_RATE = 0.5  # share of relation landmarks that carry a colour ("a blue star")
+_VE_ATTRIBUTE_VALUES: dict[str, tuple] = {
+    "class": tuple(c.class_id for c in CLASSES), "colour": tuple(COLOUR_NAMES), "size": tuple(SIZE_NAMES),
+}
 
 
 @dataclass(frozen=True)
 class VEClaim:
-    """A visible claim: its kind (`VE_KINDS`) and meaning (a `CaptionSpec`; exist/binding phrases are
-    existential, count phrases exact)."""
+    """The meaning of a VE hypothesis "the <superlative> <selector> is <predicate>".
+
+    The candidates are the objects matching `selector` (a `NounPhrase` naming one attribute: a class, or
+    a colour / size with the generic noun); the superlative picks one of them the image cannot identify.
+    kind (`VE_KINDS`) "colour" / "size" / "class": a candidate satisfies the predicate when it matches
+    `predicate` (a `NounPhrase` naming that one attribute); "relation": when it stands in `relation` to
+    another object matching `landmark`.
+    """
 
     kind: str
-    spec: CaptionSpec
+    selector: NounPhrase
+    predicate: NounPhrase | None = None
+    relation: str | None = None
+    landmark: NounPhrase | None = None
 
 
-def _true_claim(scene: Scene, rng: np.random.Generator) -> VEClaim:
-    """A true claim, kind drawn from `_VE_KIND_WEIGHTS` (relation/binding fall back to exist when the
-    scene has no relation / fewer than two (colour, class) groups)."""
+def _attribute_phrase(attribute: str, value: object) -> NounPhrase:
+    """The phrase naming one attribute value: a class ("circle") or a colour / size ("red shape")."""
+    if attribute == "class":
+        return NounPhrase(int(value))  # type: ignore[call-overload]
+    return NounPhrase(None, **{attribute: value})
+
+
+def _attribute_value(attribute: str, obj: WorldObject) -> object:
+    return obj.class_id if attribute == "class" else getattr(obj, attribute)
+
+
+def ve_candidate_truths(claim: VEClaim, scene: Scene) -> list[bool]:
+    """Whether each candidate of `claim` (objects matching its selector, scene order) satisfies its
+    predicate; empty when no object matches the selector."""
     objects = scene.objects
-    kind = VE_KINDS[int(rng.choice(len(VE_KINDS), p=_VE_KIND_WEIGHTS))]
-    if kind == "relation" and scene.relations:
-        relation = _pick(rng, scene.relations)
-        phrases = tuple(_describe(objects[k], rng, 0.85, 0.2, 0.1) for k in (relation.subject, relation.target))
-        return VEClaim("relation", CaptionSpec("relation", phrases, relation=relation.relation))
-    groups = sorted({(o.colour, o.class_id) for o in objects})
-    if kind == "binding" and len(groups) >= 2:
-        first, second = (groups[int(k)] for k in rng.choice(len(groups), size=2, replace=False))
-        return VEClaim("binding", CaptionSpec("list", (NounPhrase(first[1], first[0]), NounPhrase(second[1], second[0]))))
-    obj = _pick(rng, objects)
-    if kind == "count":
-        mode = rng.random()
-        if mode < 0.45:
-            template = NounPhrase(obj.class_id)
-        elif mode < 0.85:
-            template = NounPhrase(obj.class_id, obj.colour)
-        elif mode < 0.93:
-            template = NounPhrase(None, obj.colour)
-        else:
-            template = NounPhrase(None)
-        return VEClaim("count", CaptionSpec("list", (replace(template, count=_count(template, objects)),)))
-    return VEClaim("exist", CaptionSpec("list", (_describe(obj, rng, 0.8, 0.3, 0.2),)))
-
-
-def _phrase_variants(phrase: NounPhrase) -> list[tuple[str, NounPhrase]]:
-    """(perturbation type, phrase) for every single-attribute change of `phrase`."""
-    variants = [("colour", replace(phrase, colour=c)) for c in COLOUR_NAMES if c != phrase.colour]
-    if phrase.class_id is not None:
-        variants += [("class", replace(phrase, class_id=c.class_id)) for c in CLASSES if c.class_id != phrase.class_id]
-    if phrase.size is not None:
-        variants += [("size", replace(phrase, size=s)) for s in SIZE_NAMES if s != phrase.size]
-    if phrase.style is not None:
-        variants += [("style", replace(phrase, style=s)) for s in STYLE_NAMES if s != phrase.style]
-    return variants
-
-
-def _claim_variants(claim: VEClaim) -> list[tuple[str, VEClaim]]:
-    """Candidate perturbations of a claim (not yet checked for falsity)."""
-    spec = claim.spec
-    out: list[tuple[str, VEClaim]] = []
-    for k, phrase in enumerate(spec.phrases):
-        for kind, variant in _phrase_variants(phrase):
-            phrases = list(spec.phrases)
-            phrases[k] = variant
-            out.append((kind, replace(claim, spec=replace(spec, phrases=tuple(phrases)))))
-    if claim.kind == "count":
-        count = int(spec.phrases[0].count)  # type: ignore[arg-type]
-        for new in (count - 1, count + 1, count + 2):
-            if 1 <= new <= max(NUMBER_WORDS):
-                out.append(("number", replace(claim, spec=replace(spec, phrases=(replace(spec.phrases[0], count=new),)))))
+    candidates = [k for k, obj in enumerate(objects) if claim.selector.matches(obj)]
     if claim.kind == "relation":
-        for relation in RELATIONS:
-            if relation != spec.relation:
-                out.append(("relation", replace(claim, spec=replace(spec, relation=relation))))
-        out.append(("relation", replace(claim, spec=replace(spec, phrases=spec.phrases[::-1]))))
-    if len(spec.phrases) == 2 and spec.phrases[0].colour and spec.phrases[1].colour and spec.phrases[0].colour != spec.phrases[1].colour:
-        a, b = spec.phrases
-        out.append(("swap", replace(claim, spec=replace(spec, phrases=(replace(a, colour=b.colour), replace(b, colour=a.colour))))))
-    return out
+        assert claim.landmark is not None
+        holding = {(r.subject, r.target) for r in scene.relations if r.relation == claim.relation}
+        return [any((k, j) in holding and claim.landmark.matches(objects[j]) for j in range(len(objects))) for k in candidates]
+    assert claim.predicate is not None
+    return [claim.predicate.matches(objects[k]) for k in candidates]
 
 
-def _falsify(claim: VEClaim, scene: Scene, rng: np.random.Generator, split: str) -> VEClaim:
-    """A false claim of the same kind as `claim`: a perturbation type is drawn uniformly among those with
-    a false, allowed variant, then a variant; count claims change their number with `_NUMBER_CHANGE_RATE`."""
-    by_type: dict[str, list[VEClaim]] = {}
-    for kind, variant in _claim_variants(claim):
-        if _spec_allowed(variant.spec, split) and not caption_is_true(variant.spec, scene.objects, scene.image_size, scene.relations):
-            by_type.setdefault(kind, []).append(variant)
-    if by_type:
-        types = sorted(by_type)
-        if claim.kind == "count" and "number" in by_type and len(types) > 1:
-            kind = "number" if rng.random() < _NUMBER_CHANGE_RATE else _pick(rng, [t for t in types if t != "number"])
-        else:
-            kind = _pick(rng, types)
-        return _pick(rng, by_type[kind])
-    absent = [c.class_id for c in CLASSES if all(o.class_id != c.class_id for o in scene.objects)]
-    return VEClaim("exist", CaptionSpec("list", (NounPhrase(int(_pick(rng, absent))),)))
+def ve_label(claim: VEClaim, scene: Scene) -> int | None:
+    """The `VE_LABELS` index of `claim` on `scene`: entailment when the predicate holds for every candidate
+    (whichever one the superlative picks), contradiction when it holds for none, neutral when for some
+    but not all (only the unrendered property could tell); None when no object matches the selector."""
+    truths = ve_candidate_truths(claim, scene)
+    if not truths:
+        return None
+    if all(truths):
+        return VE_LABELS.index("entailment")
+    return VE_LABELS.index("neutral") if any(truths) else VE_LABELS.index("contradiction")
 
 
-def _claim_words(claim: VEClaim, rng: np.random.Generator, extra: tuple[int, str] | None) -> list[str]:
-    """Realise a claim; `extra` = (phrase index, unrendered adjective) for neutral-style hypotheses."""
-    spec = claim.spec
+def _ve_claims(form: tuple[str, str], landmark_colour: bool, scene: Scene, split: str) -> list[VEClaim]:
+    """Every claim of `form` about `scene` whose selector matches at least one object (true, false and
+    undecidable ones), naming no held-out combination outside the compositional split."""
+    selector_attribute, kind = form
+    objects = scene.objects
+    selectors = [_attribute_phrase(selector_attribute, v) for v in sorted({_attribute_value(selector_attribute, o) for o in objects}, key=str)]
+    claims: list[VEClaim] = []
+    if kind == "relation":
+        landmarks = sorted({NounPhrase(o.class_id, o.colour if landmark_colour else None) for o in objects},
+                           key=lambda p: (p.class_id, p.colour or ""))
+        for selector in selectors:
+            claims += [VEClaim("relation", selector, relation=r, landmark=m)
+                       for m in landmarks if _allowed(m, split) for r in RELATIONS]
+        return claims
+    for selector in selectors:
+        for value in _VE_ATTRIBUTE_VALUES[kind]:
+            predicate = _attribute_phrase(kind, value)
+            named = NounPhrase(selector.class_id if selector.class_id is not None else predicate.class_id,
+                               selector.colour or predicate.colour)  # "the oldest circle is blue" names a blue circle
+            if _allowed(named, split):
+                claims.append(VEClaim(kind, selector, predicate))
+    return claims
 
-    def adjective(k: int) -> str | None:
-        return extra[1] if extra is not None and extra[0] == k else None
 
+def _ve_words(claim: VEClaim, rng: np.random.Generator) -> list[str]:
+    """"the <superlative> <selector> is <predicate>" or "the <superlative> of the <selectors> is
+    <predicate>"; synonyms drawn from the lexicon like the caption grammar does."""
+    words = ["the", *_pick(rng, VE_SUPERLATIVES)]
+    if rng.random() < 0.5:
+        words += _phrase_words(claim.selector, rng, "", plural=False)
+    else:
+        words += ["of", "the"] + _phrase_words(claim.selector, rng, "", plural=True)
+    words.append("is")
     if claim.kind == "relation":
-        form = int(rng.integers(3))
-        words = ["there", "is"] if form == 2 else []
-        words += _phrase_words(spec.phrases[0], rng, "a", adjective(0))
-        if form == 1:
-            words.append("is")
-        words += _relation_words(spec.relation, rng)  # type: ignore[arg-type]
-        return words + _phrase_words(spec.phrases[1], rng, "a", adjective(1))
-    if claim.kind == "count":
-        phrase = spec.phrases[0]
-        words = list(_pick(rng, _VE_OPENERS_PLURAL if int(phrase.count) > 1 else _VE_OPENERS_SINGULAR))  # type: ignore[arg-type]
-        if rng.random() < 0.3:
-            words.append("exactly")
-        return words + _phrase_words(phrase, rng, "number")
-    words = list(_pick(rng, _VE_OPENERS_SINGULAR))
-    words += _phrase_words(spec.phrases[0], rng, "a", adjective(0))
-    if claim.kind == "binding":
-        words += ["and"] + _phrase_words(spec.phrases[1], rng, "a", adjective(1))
-    return words
-
-
-def _unrendered(claim: VEClaim, rng: np.random.Generator) -> tuple[tuple[int, str] | None, list[str]]:
-    """An unrendered addition: (phrase index, adjective) on an existential phrase, or clause words."""
-    if claim.kind != "count" and rng.random() < 0.5:
-        return (int(rng.integers(len(claim.spec.phrases))), _pick(rng, UNRENDERED_ADJECTIVES)), []
-    first = claim.spec.phrases[0]
-    plural = first.count is not None and first.count > 1
-    template = _pick(rng, UNRENDERED_CLAUSES)
-    clause = template.format(
-        noun=_noun(first.class_id, rng, plural),
-        pronoun="they are" if plural else "it is",
-        material=_pick(rng, MATERIALS),
-    )
-    return None, clause.split()
+        assert claim.landmark is not None and claim.relation is not None
+        return words + _relation_words(claim.relation, rng) + _phrase_words(claim.landmark, rng, "a", plural=False)
+    predicate = claim.predicate
+    assert predicate is not None
+    if claim.kind == "class":
+        return words + _phrase_words(predicate, rng, "a", plural=False)
+    if claim.kind == "colour":
+        return words + [_pick(rng, _COLOUR_WORDS[predicate.colour])]  # type: ignore[index]
+    return words + list(_pick(rng, _SIZE_WORDS[predicate.size]))  # type: ignore[index]
 
 
 def ve_record(world: World, split: str, index: int, _scenes: Callable[[int], Scene] | None = None) -> VERecord:
-    """Visual-entailment record `index` of `split` (module docstring, VE)."""
+    """Visual-entailment record `index` of `split` (module docstring, VE).
+
+    The form (selector, predicate kind, landmark colour) is drawn before the label; then the scenes of
+    `_scan(index)` are tried in order until one has a claim of that form with the wanted label, and one
+    of those claims is drawn uniformly. Only when the whole scan fails does the form change (other forms
+    in a seeded order, the first 4 scenes of the scan each; 1 record in 4,500 measured, seed 0).
+    """
     _check_split(split)
     scenes = _scenes or _scene_getter(world, split)
     rng = _record_rng(world, "ve", split, index)
     label = _block_label(world, "ve", split, index, len(VE_LABELS))
-    s = index % world.sizes[split]
-    scene = scenes(s)
-    claim = _true_claim(scene, rng)
-    with_unrendered = VE_LABELS[label] == "neutral" or (VE_LABELS[label] == "contradiction" and rng.random() < 0.5)
-    if VE_LABELS[label] == "contradiction":
-        claim = _falsify(claim, scene, rng, split)
-    extra, clause = _unrendered(claim, rng) if with_unrendered else (None, [])
-    words = _claim_words(claim, rng, extra) + clause
-    return VERecord(pair_id=f"{split}-{index}", image_id=image_id(split, s), hypothesis=" ".join(words), label=label)
+    form = VE_FORMS[int(rng.integers(len(VE_FORMS)))]
+    landmark_colour = bool(rng.random() < _VE_LANDMARK_COLOUR_RATE)
+    fallbacks = [VE_FORMS[int(k)] for k in rng.permutation(len(VE_FORMS)) if VE_FORMS[int(k)] != form]
+    scanned = _scan(index, world.sizes[split])
+    for attempt, current in enumerate([form] + fallbacks):
+        for s in scanned if attempt == 0 else scanned[:4]:
+            scene = scenes(s)
+            matching = [c for c in _ve_claims(current, landmark_colour, scene, split) if ve_label(c, scene) == label]
+            if matching:
+                return VERecord(
+                    pair_id=f"{split}-{index}",
+                    image_id=image_id(split, s),
+                    hypothesis=" ".join(_ve_words(_pick(rng, matching), rng)),
+                    label=label,
+                )
+    raise RuntimeError(f"no {VE_LABELS[label]} VE hypothesis found for record {index} of {split} (a bug)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1154,14 +1141,12 @@ def world_task_data(world: World, task: str, split: str | Sequence[str] = "train
 
 
 def world_task_words() -> list[str]:
-    """Every word task text can contain beyond `lexicon.lexicon_words()` (question words, unrendered
-    properties, NLVR2 templates, extreme positions, answer variants), sorted: a tokenizer trained on
+    """Every word task text can contain beyond `lexicon.lexicon_words()` (question words, VE superlatives
+    of unrendered properties, NLVR2 templates, extreme positions, answer variants), sorted: a tokenizer trained on
     world captions should keep these whole too."""
     words = {"how", "many", "in", "the", "image", "can", "you", "see", "what", "color", "shape", "is", "are",
              "there", "any", "shows", "picture", "contains", "exactly", "and"}
-    words |= set(UNRENDERED_ADJECTIVES) | set(MATERIALS) | {"it", "they", "made", "of"}
-    for clause in UNRENDERED_CLAUSES:
-        words |= {w for w in clause.split() if not w.startswith("{")}
+    words |= {w for superlative in VE_SUPERLATIVES for w in superlative} | {"of"}
     words |= {w for options in EXTREME_WORDS.values() for w in options}
     words |= {"left", "right", "has", "more", "fewer", "than", "both", "images", "contain", "each", "one", "only",
               "total", "two", "together", "show"}
@@ -1171,7 +1156,6 @@ def world_task_words() -> list[str]:
 
 __all__ = [
     "EXTREME_WORDS",
-    "MATERIALS",
     "NLVR2Claim",
     "NLVR2_TEMPLATES",
     "PROPOSAL_HIT_RATE",
@@ -1179,10 +1163,11 @@ __all__ = [
     "TASKS",
     "TASK_CODES",
     "TASK_SPLITS",
-    "UNRENDERED_ADJECTIVES",
-    "UNRENDERED_CLAUSES",
     "VEClaim",
+    "VE_FORMS",
     "VE_KINDS",
+    "VE_SELECTORS",
+    "VE_SUPERLATIVES",
     "VQA_SLOTS",
     "WorldImages",
     "box_iou",
@@ -1194,6 +1179,8 @@ __all__ = [
     "referents",
     "task_records",
     "unique_references",
+    "ve_candidate_truths",
+    "ve_label",
     "ve_record",
     "vqa_answer_vocab",
     "vqa_record",

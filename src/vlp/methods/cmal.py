@@ -121,7 +121,7 @@ from vlp.models.layers import Block
 from vlp.models.losses import IGNORE_INDEX, mask_tokens, mlm_loss
 from vlp.models.model import VLModel
 from vlp.models.regions import RegionInputs
-from vlp.models.rng import keyed_uniform
+from vlp.models.rng import step_task
 from vlp.models.single_stream import (
     RegionClassifier,
     RegionSingleStream,
@@ -575,15 +575,8 @@ class Cmal(RegionSingleStream, PretrainMethod):
     # ------------------------------------------------------------------------------ tasks of steps
     def task_for_step(self, step: int) -> str:
         """The task 'ratio' mixing runs at optimizer step `step`: P(task) ∝ task_ratio (seeded, batch-free)."""
-        ratio = self.cfg.task_ratio
-        weights = torch.tensor([getattr(ratio, t) for t in TASKS], dtype=torch.float64)
-        cdf = (weights / weights.sum()).cumsum(0)
-        u = float(keyed_uniform(torch.tensor([int(step)]), (1,), SALT_TASK * 1_000_003 + self.seed)[0, 0])
-        index = int((cdf <= u).sum())
-        index = min(index, len(TASKS) - 1)
-        while weights[index] == 0:  # rounding at the top edge: the last task with weight
-            index -= 1
-        return TASKS[index]
+        weights = [getattr(self.cfg.task_ratio, t) for t in TASKS]
+        return TASKS[step_task(step, weights, SALT_TASK * 1_000_003 + self.seed)]
 
     def itm_steps(self, steps: int) -> int:
         """How many of the first `steps` optimizer steps train ITM: every step under 'sum' mixing with an ITM

@@ -16,6 +16,8 @@ the reference uint64 code:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -89,3 +91,19 @@ def sample_uniforms(keys: Tensor | None, batch_size: int, shape: tuple[int, ...]
     if keys is not None:
         return keyed_uniform(keys.to(device), shape, salt)
     return torch.rand((batch_size, *shape), device=device)
+
+
+def step_task(step: int, weights: Sequence[float], salt: int) -> int:
+    """Index of the task one optimizer step runs under ratio mixing (UNITER / CMAL: one task per step):
+    task k with probability weights[k] / sum(weights), drawn from (step, salt) alone, so a resumed run draws
+    the same tasks, every rank and micro-batch of a step agree, and the draw does not depend on the batch."""
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    if w.numel() == 0 or float(w.min()) < 0 or float(w.sum()) <= 0:
+        raise ValueError(f"task weights must be >= 0 with a positive sum, got {list(weights)}")
+    cdf = (w / w.sum()).cumsum(0)
+    u = float(keyed_uniform(torch.tensor([int(step)]), (1,), salt)[0, 0])
+    index = min(int((cdf <= u).sum()), len(w) - 1)
+    while w[index] == 0:  # rounding at the top edge: the last task with weight
+        index -= 1
+    return index
+

@@ -23,6 +23,26 @@ NaN scores are treated as −inf (a NaN ground truth is a miss).
 
 Models without ITC (CMAL, UNITER-style single stream) use `evaluate_retrieval_itm_all` instead: the ITM
 score of every (image, text) pair ranks both directions (I·Tn forwards; small sets only).
+
+Attribute-binding probes (world.md "Attribute binding must matter"), two-alternative forced choices
+scored against the pair's own image with the protocol's scoring function (ITC cosine under `itc/`, the
+ITM positive logit under `itm/` and `itm_all/`); a probe is won when the true caption scores strictly
+above the false one (a tie or a NaN is lost, like the pessimistic ranks above); chance is 50 %:
+
+  `<p>/hard_neg_acc`       hard pairs (`hard_*` fields): a caption vs the same caption with the colours
+                           of two objects swapped ("a red circle and a blue star" vs "a blue circle and
+                           a red star"). Needs binding colour to the right object.
+  `<p>/colour_probe_acc`   colour probes (`colour_probe_*` fields, `attach_colour_probes`): one object's
+                           caption vs the same caption with another colour ("a red circle" vs "a blue
+                           circle"; `vlp.data.world.colour_probe`). Needs only seeing the colour of the
+                           named object, so it separates "cannot see colour" from "cannot bind it".
+                           Reported when the set carries them: `RetrievalSet.build` fills the hard
+                           pairs itself, the colour probes come from `attach_colour_probes(rset, split,
+                           tokenizer, max_len, max_words)` on the same world split.
+
+Each accuracy `K` (percent) comes with its 95 % Wilson score interval on the binomial, `K_ci_low` and
+`K_ci_high` (percent; `binomial_ci95`): with a few hundred probes the interval is several points wide,
+so a difference between methods inside it is noise.
 """
 
 from __future__ import annotations
@@ -44,6 +64,9 @@ __all__ = [
     "recall_at_k",
     "chance_recall",
     "hard_negative_accuracy",
+    "binomial_ci95",
+    "pair_accuracy_metrics",
+    "attach_colour_probes",
     "compute_retrieval_scores",
     "evaluate_retrieval",
     "evaluate_method_retrieval",
@@ -85,6 +108,9 @@ class RetrievalData(Protocol):
     images (I, 3, H, W); input_ids / attention_mask (Tn, T); txt2img (Tn,) long; img2txt list of I lists.
     Optional hard negatives (H pairs): hard_image (H,) long image index, hard_pos_ids / hard_pos_mask and
     hard_neg_ids / hard_neg_mask (H, T): a true caption and its attribute-swapped twin.
+    Optional colour probes (P pairs, `attach_colour_probes`): colour_probe_image (P,) long image index,
+    colour_probe_pos_ids / _pos_mask and colour_probe_neg_ids / _neg_mask (P, T): one object's true
+    caption and the same caption with another colour word.
     """
 
     images: Tensor
@@ -234,6 +260,36 @@ def hard_negative_accuracy(pos_scores: Tensor, neg_scores: Tensor) -> float:
     return float((pos_scores.float() > neg_scores.float()).double().mean() * 100.0)
 
 
+def binomial_ci95(successes: int, n: int) -> tuple[float, float]:
+    """95 % Wilson score interval (percent) of a success rate `successes / n`.
+
+    Wilson rather than the normal approximation: it stays inside [0, 100], is not empty at 0 or n
+    successes, always contains the point estimate, and its width shrinks like 1 / sqrt(n).
+    (nan, nan) for n = 0.
+    """
+    if n < 0 or not 0 <= successes <= max(n, 0):
+        raise ValueError(f"binomial_ci95 needs 0 <= successes <= n, got successes={successes}, n={n}")
+    if n == 0:
+        return float("nan"), float("nan")
+    z = 1.959963984540054  # the 97.5 % standard-normal quantile
+    p = successes / n
+    denominator = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n)) / denominator
+    # the exact interval contains p and ends at 0 (1) for 0 (n) successes; clamp away float rounding
+    return 100.0 * min(max(0.0, centre - half), p), 100.0 * max(min(1.0, centre + half), p)
+
+
+def pair_accuracy_metrics(pos_scores: Tensor, neg_scores: Tensor, key: str) -> dict[str, float]:
+    """`{key: accuracy, key_ci_low, key_ci_high}` (percent) of a two-alternative probe: the share of pairs
+    whose true text scores strictly above the false one (`hard_negative_accuracy`: ties and NaNs lose) and
+    its 95 % Wilson interval (`binomial_ci95`). pos_scores, neg_scores: (P,); empty input gives NaNs."""
+    accuracy = hard_negative_accuracy(pos_scores, neg_scores)
+    wins = int((pos_scores.float() > neg_scores.float()).sum())
+    low, high = binomial_ci95(wins, pos_scores.numel())
+    return {key: accuracy, f"{key}_ci_low": low, f"{key}_ci_high": high}
+
+
 # ============================================================================== model evaluation
 @dataclass
 class RetrievalScores:
@@ -242,7 +298,8 @@ class RetrievalScores:
     sim_itc (I, Tn) ITC cosine similarities; score_i2t (I, Tn) / score_t2i (Tn, I) re-ranked scores
     (−inf outside the ITC top-k; None when k_rerank = 0); hard_itc_* / hard_itm_* (H,) ITC cosine / ITM
     logit of each hard pair's true caption and of its attribute-swapped twin against the pair's image
-    (None when the set has no hard negatives; the ITM ones also when k_rerank = 0).
+    (None when the set has no hard negatives; the ITM ones also when k_rerank = 0); probe_itc_* /
+    probe_itm_* (P,) the same for the colour probes (true caption of one object vs another colour).
     itm_forwards: number of (image, text) pairs run through the fusion encoder.
     """
 
@@ -253,6 +310,10 @@ class RetrievalScores:
     hard_itc_neg: Optional[Tensor] = None
     hard_itm_pos: Optional[Tensor] = None
     hard_itm_neg: Optional[Tensor] = None
+    probe_itc_pos: Optional[Tensor] = None
+    probe_itc_neg: Optional[Tensor] = None
+    probe_itm_pos: Optional[Tensor] = None
+    probe_itm_neg: Optional[Tensor] = None
     itm_forwards: int = 0
 
 
@@ -396,12 +457,52 @@ def _rerank(
     return score_i2t, score_t2i, int(unique.numel())
 
 
-def _hard_fields(rset: Any) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
-    names = ("hard_image", "hard_pos_ids", "hard_pos_mask", "hard_neg_ids", "hard_neg_mask")
-    values = [getattr(rset, n, None) for n in names]
+def _pair_fields(rset: Any, prefix: str) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+    """(image (P,), pos_ids, pos_mask, neg_ids, neg_mask (P, T)) of the probe pairs `prefix`_* of a set,
+    or None when it has none."""
+    names = ("image", "pos_ids", "pos_mask", "neg_ids", "neg_mask")
+    values = [getattr(rset, f"{prefix}_{n}", None) for n in names]
     if any(v is None for v in values) or values[0].numel() == 0:
         return None
     return tuple(values)  # type: ignore[return-value]
+
+
+def _hard_fields(rset: Any) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+    return _pair_fields(rset, "hard")
+
+
+def _probe_fields(rset: Any) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+    return _pair_fields(rset, "colour_probe")
+
+
+def attach_colour_probes(rset: Any, samples: Sequence[Any], tokenizer: Any, max_len: int, max_words: int = 30) -> Any:
+    """Add the world's colour probes (`vlp.data.world.colour_probe`) of a retrieval set's images to it.
+
+    `samples` is the split the set was built from (`RetrievalSet.build(split, ...)`: image i of the set
+    is `samples[i]`); a `WorldSplit` is read through its `scene(i)` fast path (no rendering). Sets
+    `rset.colour_probe_image` (P,) long and `colour_probe_pos_ids` / `_pos_mask` / `_neg_ids` /
+    `_neg_mask` (P, T) from `tokenizer.encode(texts, max_len, max_words=max_words)`, one probe per image
+    that has one and whose two texts still differ after tokenisation (the rule `RetrievalSet.build`
+    applies to hard pairs). Returns `rset`; a set without any probe is left unchanged.
+    """
+    n_images = int(rset.images.shape[0])
+    scene = getattr(samples, "scene", None)
+    image: list[int] = []
+    texts: list[str] = []
+    for i in range(n_images):
+        probe = getattr(scene(i) if callable(scene) else samples[i], "colour_probe", None)
+        if probe is None:
+            continue
+        ids, mask = tokenizer.encode(list(probe), max_len, max_words=max_words)
+        if not torch.equal(ids[0] * mask[0], ids[1] * mask[1]):
+            image.append(i)
+            texts.extend(probe)
+    if image:
+        ids, mask = tokenizer.encode(texts, max_len, max_words=max_words)
+        rset.colour_probe_image = torch.tensor(image, dtype=torch.long)
+        rset.colour_probe_pos_ids, rset.colour_probe_pos_mask = ids[0::2], mask[0::2]
+        rset.colour_probe_neg_ids, rset.colour_probe_neg_mask = ids[1::2], mask[1::2]
+    return rset
 
 
 @contextmanager
@@ -417,6 +518,36 @@ def eval_mode(model: Any) -> Iterator[None]:
             model.train()
 
 
+def _score_pairs(
+    model: RetrievalModel,
+    fields: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+    image_tokens: Tensor,
+    image_emb: Tensor,
+    with_itm: bool,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Scores of P probe pairs (true text, false text) against each pair's image: ITC cosines (P,) of
+    both texts and, when `with_itm`, their ITM positive logits (P,) (2P fusion forwards); CPU float32.
+
+    fields: image index (P,) and pos_ids / pos_mask / neg_ids / neg_mask (P, T); image_tokens
+    (I, 1+P', Dv) and image_emb (I, E) of the whole set, on `device`."""
+    p_img, pos_ids, pos_mask, neg_ids, neg_mask = (t.to(device) for t in fields)
+    p_img = p_img.long()
+    pos_hidden, pos_emb = _encode_texts(model, pos_ids, pos_mask, batch_size, device, amp_dtype)
+    neg_hidden, neg_emb = _encode_texts(model, neg_ids, neg_mask, batch_size, device, amp_dtype)
+    img_emb = image_emb[p_img]
+    itc_pos = (img_emb * pos_emb).sum(-1).cpu()
+    itc_neg = (img_emb * neg_emb).sum(-1).cpu()
+    if not with_itm:
+        return itc_pos, itc_neg, None, None
+    idx = torch.arange(p_img.numel(), device=device)  # pair p = (image p_img[p], text p)
+    itm_pos = _itm_pairs(model, image_tokens, pos_hidden, pos_mask, p_img, idx, batch_size, device, amp_dtype).cpu()
+    itm_neg = _itm_pairs(model, image_tokens, neg_hidden, neg_mask, p_img, idx, batch_size, device, amp_dtype).cpu()
+    return itc_pos, itc_neg, itm_pos, itm_neg
+
+
 @torch.no_grad()
 def compute_retrieval_scores(
     model: RetrievalModel,
@@ -427,7 +558,7 @@ def compute_retrieval_scores(
     amp_dtype: Optional[torch.dtype] = None,
     rerank_score: RerankScore = "itm",
 ) -> RetrievalScores:
-    """Score a retrieval set with a model: ITC similarities, ITM re-ranked matrices, hard negatives.
+    """Score a retrieval set with a model: ITC similarities, ITM re-ranked matrices, hard pairs, colour probes.
 
     See `evaluate_retrieval` for the arguments. Runs in eval mode (restored afterwards), single process.
     """
@@ -453,23 +584,17 @@ def compute_retrieval_scores(
             )
             scores.score_i2t, scores.score_t2i, scores.itm_forwards = s_i2t.cpu(), s_t2i.cpu(), forwards
 
-        hard = _hard_fields(rset)
-        if hard is not None:
-            h_img, pos_ids, pos_mask, neg_ids, neg_mask = (t.to(device) for t in hard)
-            h_img = h_img.long()
-            pos_hidden, pos_emb = _encode_texts(model, pos_ids, pos_mask, batch_size, device, amp_dtype)
-            neg_hidden, neg_emb = _encode_texts(model, neg_ids, neg_mask, batch_size, device, amp_dtype)
-            img_emb = image_emb[h_img]
-            scores.hard_itc_pos = (img_emb * pos_emb).sum(-1).cpu()
-            scores.hard_itc_neg = (img_emb * neg_emb).sum(-1).cpu()
-            if k_rerank > 0:
-                h = h_img.numel()
-                idx = torch.arange(h, device=device)  # pair p = (image h_img[p], hard text p)
-                scores.hard_itm_pos = _itm_pairs(
-                    model, image_tokens, pos_hidden, pos_mask, h_img, idx, batch_size, device, amp_dtype).cpu()
-                scores.hard_itm_neg = _itm_pairs(
-                    model, image_tokens, neg_hidden, neg_mask, h_img, idx, batch_size, device, amp_dtype).cpu()
-                scores.itm_forwards += 2 * h
+        for prefix, fields in (("hard", _hard_fields(rset)), ("probe", _probe_fields(rset))):
+            if fields is None:
+                continue
+            itc_pos, itc_neg, itm_pos, itm_neg = _score_pairs(
+                model, fields, image_tokens, image_emb, k_rerank > 0, batch_size, device, amp_dtype)
+            setattr(scores, f"{prefix}_itc_pos", itc_pos)
+            setattr(scores, f"{prefix}_itc_neg", itc_neg)
+            if itm_pos is not None:
+                setattr(scores, f"{prefix}_itm_pos", itm_pos)
+                setattr(scores, f"{prefix}_itm_neg", itm_neg)
+                scores.itm_forwards += 2 * int(itm_pos.numel())
     return scores
 
 
@@ -494,9 +619,9 @@ def evaluate_retrieval(
         device: default the model's device. amp_dtype: autocast dtype (None = fp32).
         rerank_score: "itm" (ALBEF: ITM positive logit) or "itm+itc" (BLIP / LAVIS: logit + ITC cosine).
 
-    Cost: I image + Tn text unimodal encodes (+ 2H hard-negative texts); ITM fusion forwards at most
-    (I·min(k, Tn) + Tn·min(k, I)) ≈ (I + Tn)·k — pairs proposed by both directions are scored once —
-    plus 2H for hard negatives (reported as `itm_forwards`). Memory: image tokens (I, 1+P, Dv), text
+    Cost: I image + Tn text unimodal encodes (+ 2H hard-negative and 2P colour-probe texts); ITM fusion
+    forwards at most (I·min(k, Tn) + Tn·min(k, I)) ≈ (I + Tn)·k — pairs proposed by both directions are
+    scored once — plus 2H + 2P for the probes (reported as `itm_forwards`). Memory: image tokens (I, 1+P, Dv), text
     states (Tn, T, D) and two (I, Tn) float32 score matrices.
 
     Returns (all values float; recalls and accuracies in percent):
@@ -504,7 +629,8 @@ def evaluate_retrieval(
         the same under `itm/` when k_rerank > 0 (R@K with K > k_rerank is a lower bound: a ground truth
         outside the ITC top-k counts as a miss); `itc/hard_neg_acc` (ITC cosine) and `itm/hard_neg_acc`
         (ITM logit, whatever `rerank_score`) if the set has hard negatives, the ITM one only when
-        k_rerank > 0; `num_images`, `num_texts`, `chance_r1`
+        k_rerank > 0; likewise `itc/colour_probe_acc` / `itm/colour_probe_acc` if it has colour probes;
+        each of these with `_ci_low` / `_ci_high` (95 % Wilson interval); `num_images`, `num_texts`, `chance_r1`
         (text→image R@1 of a random ranking = 100 / I); `itm_forwards`.
         Top-ranked images for plotting come from `retrieval_examples`.
     """
@@ -521,10 +647,14 @@ def retrieval_metrics(
     if scores.score_i2t is not None and scores.score_t2i is not None:
         itm = recall_at_k(scores.score_i2t, txt2img, img2txt, sim_t2i=scores.score_t2i)
         metrics.update({f"itm/{k}": v for k, v in itm.items()})
-    if scores.hard_itc_pos is not None and scores.hard_itc_neg is not None:
-        metrics["itc/hard_neg_acc"] = hard_negative_accuracy(scores.hard_itc_pos, scores.hard_itc_neg)
-    if scores.hard_itm_pos is not None and scores.hard_itm_neg is not None:
-        metrics["itm/hard_neg_acc"] = hard_negative_accuracy(scores.hard_itm_pos, scores.hard_itm_neg)
+    for key, pos, neg in (
+        ("itc/hard_neg_acc", scores.hard_itc_pos, scores.hard_itc_neg),
+        ("itm/hard_neg_acc", scores.hard_itm_pos, scores.hard_itm_neg),
+        ("itc/colour_probe_acc", scores.probe_itc_pos, scores.probe_itc_neg),
+        ("itm/colour_probe_acc", scores.probe_itm_pos, scores.probe_itm_neg),
+    ):
+        if pos is not None and neg is not None:
+            metrics.update(pair_accuracy_metrics(pos, neg, key))
     metrics["num_images"] = float(n_images)
     metrics["num_texts"] = float(n_texts)
     metrics["chance_r1"] = chance_recall(1, n_images)
@@ -615,7 +745,7 @@ def evaluate_retrieval_itm_all(
     not import methods/: the model enters only through these callables; they run under `no_grad`, and
     the caller puts the model in eval mode.
 
-    Cost: I image encodes plus I·Tn single-stream ITM forwards (+ 2H for hard negatives), in chunks of
+    Cost: I image encodes plus I·Tn single-stream ITM forwards (+ 2H hard pairs, + 2P colour probes), in chunks of
     `batch_size` pairs (texts cut to the chunk's longest); with COCO's 5 captions per image that is
     5·I² forwards, quadratic in the set size, so keep the set small on CPU: 100 images → 50k pairs,
     1000 images → 5M pairs (UNITER's 1k-image COCO test needs a GPU cluster for this). Memory: the
@@ -623,14 +753,17 @@ def evaluate_retrieval_itm_all(
 
     Args:
         rset: images, input_ids / attention_mask, txt2img / img2txt, optionally region_boxes (I,N,4) /
-            region_mask (I,N) (required by region-based scorers) and hard_image / hard_pos_* / hard_neg_*.
+            region_mask (I,N) (required by region-based scorers), hard_image / hard_pos_* / hard_neg_* and
+            colour_probe_image / colour_probe_pos_* / colour_probe_neg_*.
         batch_size: images per `encode` call and pairs per `scorer` call.
         device: where the inputs are moved (default cpu). amp_dtype: autocast dtype (None = fp32).
 
     Returns:
         `itm_all/txt_r{1,5,10}`, `itm_all/img_r{1,5,10}`, `itm_all/{txt,img}_r_mean`, `itm_all/r_mean`,
         `itm_all/hard_neg_acc` (ITM score of the true caption vs its attribute-swapped twin, when the set
-        has hard pairs), `num_images`, `num_texts`, `chance_r1`, `itm_forwards` (= I·Tn + 2H).
+        has hard pairs), `itm_all/colour_probe_acc` (one object's caption vs another colour, when it has
+        colour probes), each with `_ci_low` / `_ci_high` (95 % Wilson interval), `num_images`,
+        `num_texts`, `chance_r1`, `itm_forwards` (= I·Tn + 2H + 2P).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     n_images, n_texts = int(rset.images.shape[0]), int(rset.input_ids.shape[0])
@@ -668,14 +801,15 @@ def evaluate_retrieval_itm_all(
         score = score_pairs(img_idx, rset.input_ids, rset.attention_mask, txt_idx).view(n_images, n_texts)
         metrics = {f"itm_all/{k}": v for k, v in recall_at_k(score, rset.txt2img, getattr(rset, "img2txt", None)).items()}
         forwards = n_images * n_texts
-        hard = _hard_fields(rset)
-        if hard is not None:
-            h_img, pos_ids, pos_mask, neg_ids, neg_mask = hard
-            idx = torch.arange(h_img.numel())
-            pos = score_pairs(h_img.long().cpu(), pos_ids.cpu(), pos_mask.cpu(), idx)
-            neg = score_pairs(h_img.long().cpu(), neg_ids.cpu(), neg_mask.cpu(), idx)
-            metrics["itm_all/hard_neg_acc"] = hard_negative_accuracy(pos, neg)
-            forwards += 2 * h_img.numel()
+        for key, fields in (("itm_all/hard_neg_acc", _hard_fields(rset)), ("itm_all/colour_probe_acc", _probe_fields(rset))):
+            if fields is None:
+                continue
+            p_img, pos_ids, pos_mask, neg_ids, neg_mask = fields
+            idx = torch.arange(p_img.numel())
+            pos = score_pairs(p_img.long().cpu(), pos_ids.cpu(), pos_mask.cpu(), idx)
+            neg = score_pairs(p_img.long().cpu(), neg_ids.cpu(), neg_mask.cpu(), idx)
+            metrics.update(pair_accuracy_metrics(pos, neg, key))
+            forwards += 2 * p_img.numel()
     metrics["num_images"] = float(n_images)
     metrics["num_texts"] = float(n_texts)
     metrics["chance_r1"] = chance_recall(1, n_images)
