@@ -67,7 +67,9 @@ def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None,
         rset = retrieval_set(cfg, world, tokenizer) if evaluate and rank == 0 else None
 
         def eval_fn(trained: torch.nn.Module, step: int) -> dict[str, float]:
-            return evaluate_method(trained, rset, cfg, trainer.device)
+            metrics = evaluate_method(trained, rset, cfg, trainer.device)
+            itm_steps = trained.itm_steps(step)  # ITM's share of the steps, reported beside its ranking
+            return metrics if itm_steps is None else {**metrics, "itm_steps": float(itm_steps)}
 
         trainer = Trainer(
             cfg, method, dataset, collate_fn, out_dir,

@@ -22,11 +22,13 @@ from vlp.methods.albef import Albef
 from vlp.methods.base import PretrainMethod
 from vlp.methods.clip import Clip
 from vlp.methods.cmal import Cmal
+from vlp.methods.uniter import Uniter
 
 METHODS: dict[str, type[PretrainMethod]] = {cls.name: cls for cls in (
     Albef,
     Cmal,
     Clip,
+    Uniter,
 )}
 
 for _method in METHODS.values():

@@ -224,6 +224,10 @@ class Albef(PretrainMethod):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------ forward
+    def itm_steps(self, steps: int) -> Optional[int]:
+        """Every step trains ITM when its loss weight is positive (ITC, ITM and MLM are summed each step)."""
+        return int(steps) if self.cfg.loss_weights.itm > 0 else 0
+
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         """One ALBEF step's losses.
 

@@ -15,6 +15,8 @@ Training (`vlp.train.loop.Trainer`):
   * `on_step_end()`: after every optimizer step (EMA updates, queue writes, clamps, counters).
   * `unused_parameters() -> set[str]`: names (as in `named_parameters()`) of trainable parameters a
     training step may leave without a gradient; DDP's `find_unused_parameters` is on iff it is not empty.
+  * `itm_steps(steps) -> int | None`: how many of the first `steps` optimizer steps train ITM (None: no
+    ITM); pre-training writes it beside the retrieval metrics (`eval/itm_steps`).
 
 Downstream (`vlp.tasks`):
   * `encode_pair(images, input_ids, attention_mask, region_boxes=None, region_mask=None,
@@ -122,6 +124,12 @@ class PretrainMethod(nn.Module):
     def unused_parameters(self) -> set[str]:
         """Trainable parameters a training step may leave without gradient (default: none)."""
         return set()
+
+    def itm_steps(self, steps: int) -> Optional[int]:
+        """How many of the first `steps` optimizer steps train the ITM head (None: the method has no ITM).
+        Reported next to every retrieval number (`eval/itm_steps`): ITM needs ~100-150 steps to leave its
+        prior, so a ranking by ITM after few ITM steps says little (issue 11)."""
+        return None
 
     # ------------------------------------------------------------------------------ downstream
     @property
