@@ -21,6 +21,7 @@ from vlp.build import (
     EVAL_SPLIT_SIZE, build_run_method, build_tokenizer, build_world, checkpoint_dir, class_words_for,
     load_checkpoint_method, load_checkpoint_model, retrieval_set, world_class_words,
 )
+from vlp.data.corpora.openmoji import build_openmoji
 from vlp.data.render import render_grid, render_task_grid
 from vlp.data.world import World
 from vlp.data.world_tasks import world_task_data
@@ -31,6 +32,7 @@ from vlp.evaluate import evaluate_checkpoint, evaluate_method
 from vlp.finetune import evaluate_task, finetune, finetune_config
 from vlp.methods import METHODS, method_class
 from vlp.pretrain import pretrain
+from vlp.report import report_data_efficiency
 
 
 def show_world(
@@ -66,9 +68,9 @@ def show_method(method: str, out: str | Path, **options: Any) -> Path:
 
 
 __all__ = [
-    "DEMO_COLUMNS", "DEMO_TASKS", "DOWNSTREAM_METRICS", "EVAL_SPLIT_SIZE", "build_run_method", "build_tokenizer", "build_world",
+    "DEMO_COLUMNS", "DEMO_TASKS", "DOWNSTREAM_METRICS", "EVAL_SPLIT_SIZE", "build_openmoji", "build_run_method", "build_tokenizer", "build_world",
     "checkpoint_dir", "class_words_for", "demo", "demo_methods", "downstream_table", "evaluate_checkpoint",
     "evaluate_method", "evaluate_task", "finetune", "finetune_config", "load_checkpoint_method",
-    "load_checkpoint_model", "method_class", "method_row", "pretrain", "retrieval_set", "show_method", "show_world", "text_floor_row",
+    "load_checkpoint_model", "method_class", "method_row", "pretrain", "report_data_efficiency", "retrieval_set", "show_method", "show_world", "text_floor_row",
     "world_class_words",
 ]

@@ -56,20 +56,39 @@ def downstream_table(starts: list[tuple[str, str | Path | None]], tasks: tuple[s
     for name, checkpoint in starts:
         row: dict[str, Any] = {"start": name}
         for task in tasks:
-            begin = time.time()
-            run = finetune(task, checkpoint, overrides=[f"train.out_dir={out_dir / name / task}",
-                                                        "train.progress=false", *(overrides or [])])
-            metrics = json.loads((run / "eval.json").read_text())
-            column, key = DOWNSTREAM_METRICS[task]
-            value = headline_r_mean(metrics) if key is None else metrics[key]
-            row[column] = round(float(value), 1) if value is not None else None
-            if task == "rec" and "test/det_acc" in metrics:
-                row["REC_det_acc"] = round(float(metrics["test/det_acc"]), 1)
-            row[f"{task}_s"] = round(time.time() - begin)
+            cell = finetune_cell(task, checkpoint, out_dir / name / task, overrides)
+            column = DOWNSTREAM_METRICS[task][0]
+            row[column] = round(cell[column], 1) if cell[column] is not None else None
+            if "REC_det_acc" in cell:
+                row["REC_det_acc"] = round(cell["REC_det_acc"], 1)
+            row[f"{task}_s"] = round(cell["seconds"])
             if on_row is not None:
                 on_row([*rows, row])
         rows.append(row)
     return rows
+
+
+def finetune_cell(task: str, checkpoint: str | Path | None, out_dir: str | Path,
+                  overrides: list[str] | None = None) -> dict[str, Any]:
+    """Fine-tune one start on one task into `out_dir` (the shipped `finetune_<task>` config + `overrides`;
+    checkpoint None = from scratch) and read back its headline test metric, unrounded: returns
+    {column: value (float, None when not measured), "REC_det_acc" (REC, when scored on proposals),
+    "seconds" (wall time of the fine-tune and its evaluation), "run_dir"}. One cell of `downstream_table`,
+    also used on its own by `vlp report data-efficiency` (one resumable cell per start and task)."""
+    if task not in DOWNSTREAM_METRICS:
+        raise ValueError(f"unknown task '{task}' (known: {', '.join(DOWNSTREAM_METRICS)})")
+    begin = time.time()
+    run = finetune(task, checkpoint, overrides=[f"train.out_dir={out_dir}", "train.progress=false",
+                                                *(overrides or [])])
+    metrics = json.loads((run / "eval.json").read_text())
+    column, key = DOWNSTREAM_METRICS[task]
+    value = headline_r_mean(metrics) if key is None else metrics[key]
+    cell: dict[str, Any] = {column: float(value) if value is not None else None}
+    if task == "rec" and "test/det_acc" in metrics:
+        cell["REC_det_acc"] = float(metrics["test/det_acc"])
+    cell["seconds"] = time.time() - begin
+    cell["run_dir"] = run
+    return cell
 
 
 
@@ -92,7 +111,7 @@ def text_floor_row(tasks: Sequence[str], overrides: list[str] | None = None) -> 
 
 # Each method by its headline protocol (ITM over all pairs when it has it: the like-for-like column), with
 # the ITC ranking beside it for methods that have ITC.
-DEMO_COLUMNS = ["method", "pairs", "steps", "run_s", "ranking", "t2i_R@1", "i2t_R@1", "r_mean", "hardneg",
+DEMO_COLUMNS = ["method", "pairs", "steps", "run_s", "ranking", "itm_steps", "t2i_R@1", "i2t_R@1", "r_mean", "hardneg",
                 "itc_t2i_R@1", "itc_r_mean", "chance_R@1"]
 
 
@@ -136,7 +155,7 @@ def demo(out_dir: str | Path = "runs/demo", overrides: list[str] | None = None,
                  f"a bag-of-words classifier on the task text alone, the floor): test accuracy %\n\n"
                  + format_table(task_rows))
     text += ("\n\nThis is a glimpse at one budget and one seed; for the comparison the methods' claims are about "
-             "(budgets x seeds x tasks, with floors), run benchmarks/data_efficiency.py and benchmarks/downstream.py.")
+             "(budgets x seeds x tasks, with floors), run `vlp report data-efficiency`.")
     (out_dir / "results.md").write_text(text + "\n")
     return text
 
@@ -161,11 +180,13 @@ def method_row(method: str, cfg: RunConfig, seconds: float, m: dict[str, float])
         row["ranking"] = ranking
         columns = {"t2i_R@1": "img_r1", "i2t_R@1": "txt_r1", "r_mean": "r_mean", "hardneg": "hard_neg_acc"}
         row.update({c: value(f"{ranking}/{k}") for c, k in columns.items() if value(f"{ranking}/{k}") is not None})
+    if value("itm_steps") is not None:  # how many steps trained the ITM head behind an ITM ranking
+        row["itm_steps"] = int(value("itm_steps"))
     for column, key in {"itc_t2i_R@1": "itc/img_r1", "itc_r_mean": "itc/r_mean"}.items():
         if value(key) is not None:
             row[column] = value(key)
     return row
 
 
-__all__ = ["DEMO_TASKS", "DOWNSTREAM_METRICS", "demo", "demo_methods", "downstream_table", "method_row",
-           "text_floor_row"]
+__all__ = ["DEMO_TASKS", "DOWNSTREAM_METRICS", "demo", "demo_methods", "downstream_table", "finetune_cell",
+           "method_row", "text_floor_row"]

