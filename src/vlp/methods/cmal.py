@@ -121,7 +121,6 @@ from vlp.models.layers import Block
 from vlp.models.losses import IGNORE_INDEX, mask_tokens, mlm_loss
 from vlp.models.model import VLModel
 from vlp.models.regions import RegionInputs
-from vlp.models.rng import step_task
 from vlp.models.single_stream import (
     RegionClassifier,
     RegionSingleStream,
@@ -470,6 +469,8 @@ class Cmal(RegionSingleStream, PretrainMethod):
 
     OWNER = "CMAL"
     ITM_SALT = SALT_ITM
+    TASKS = TASKS
+    TASK_SALT = SALT_TASK
     no_label_consequence = (
         "there are NO anchor points, so AMC reduces to masked-token prediction without swaps (plain MLM on the "
         "text; label-0 regions have no class target) and WRC has no word-region pairs (its loss is 0); "
@@ -488,11 +489,7 @@ class Cmal(RegionSingleStream, PretrainMethod):
         """What a region single stream never trains (`region_unused_prefixes`: the ITC parts, the fusion's own
         image input path, the ViT unless regions are pooled from it) and the heads of tasks that may not run
         in a step (every task's under 'ratio' mixing, zero-weight tasks under 'sum')."""
-        if self.cfg.task_mixing == "ratio":
-            off = set(TASKS)
-        else:
-            off = {t for t in TASKS if getattr(self.cfg.task_weights, t) == 0}
-        prefixes = self.region_unused_prefixes() + [p for task in off for p in self.TASK_PARAMETERS[task]]
+        prefixes = self.region_unused_prefixes() + self.unused_task_prefixes()
         return {name for name, param in self.named_parameters()
                 if param.requires_grad and any(name.startswith(p) for p in prefixes)}
 
@@ -516,11 +513,6 @@ class Cmal(RegionSingleStream, PretrainMethod):
         if not 0 <= cfg.unimodal_layers <= mcfg.text.depth:
             raise ValueError(f"method.unimodal_layers={cfg.unimodal_layers} must be in [0, model.text.depth="
                              f"{mcfg.text.depth}] (the text side uses the text encoder's first layers)")
-        for name in ("task_ratio", "task_weights"):
-            mix = getattr(cfg, name)
-            values = [getattr(mix, t) for t in TASKS]
-            if min(values) < 0 or sum(values) <= 0:
-                raise ValueError(f"method.{name} must be >= 0 with a positive sum, got {mix}")
         if not TAU_MIN <= cfg.wrc_temperature <= TAU_MAX:
             raise ValueError(f"method.wrc_temperature must be in [{TAU_MIN}, {TAU_MAX}], got {cfg.wrc_temperature}")
         if lexicon.unmapped:
@@ -551,6 +543,7 @@ class Cmal(RegionSingleStream, PretrainMethod):
                     nn.init.zeros_(module.bias)
         self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.wrc_temperature)))
         self.register_buffer("task_step", torch.zeros((), dtype=torch.long))
+        self.check_task_mix()
 
     @classmethod
     def from_config(
@@ -571,20 +564,6 @@ class Cmal(RegionSingleStream, PretrainMethod):
         lexicon = build_lexicon(class_words, tokenizer)
         return cls(model, cfg.method, lexicon, mask_id=tokenizer.mask_id, special_ids=tokenizer.special_ids,
                    vocab_size=tokenizer.vocab_size, seed=cfg.train.seed)
-
-    # ------------------------------------------------------------------------------ tasks of steps
-    def task_for_step(self, step: int) -> str:
-        """The task 'ratio' mixing runs at optimizer step `step`: P(task) ∝ task_ratio (seeded, batch-free)."""
-        weights = [getattr(self.cfg.task_ratio, t) for t in TASKS]
-        return TASKS[step_task(step, weights, SALT_TASK * 1_000_003 + self.seed)]
-
-    def itm_steps(self, steps: int) -> int:
-        """How many of the first `steps` optimizer steps train ITM: every step under 'sum' mixing with an ITM
-        weight, else the steps whose task draw (`task_for_step`) is ITM (issue 11: ITM needs ~100-150 steps
-        to leave its prior, so every retrieval number is reported with this count)."""
-        if self.cfg.task_mixing == "sum":
-            return int(steps) if self.cfg.task_weights.itm > 0 else 0
-        return sum(self.task_for_step(step) == "itm" for step in range(int(steps)))
 
     # ------------------------------------------------------------------------------ UMSE vectors
     def _norm(self, x: Tensor) -> Tensor:
@@ -675,12 +654,7 @@ class Cmal(RegionSingleStream, PretrainMethod):
         regions = self.regions(batch)
         pairs = self.anchors(batch, regions)
         rate, per_caption = anchor_rate(pairs)
-        if self.training and self.cfg.task_mixing == "ratio":
-            run = {self.task_for_step(int(self.task_step)): 1.0}
-        else:
-            mix = self.cfg.task_weights if self.training else self.cfg.task_ratio
-            total = sum(getattr(mix, t) for t in TASKS)
-            run = {t: getattr(mix, t) / total for t in TASKS if getattr(mix, t) > 0}
+        run = self.tasks_to_run()
         parts: dict[str, Tensor] = {}
         loss = regions.feats.sum() * 0.0
         if "itm" in run:

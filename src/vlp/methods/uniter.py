@@ -41,7 +41,6 @@ from vlp.models.anchors import sample_uniform_index
 from vlp.models.losses import IGNORE_INDEX, mask_tokens, mlm_loss
 from vlp.models.model import VLModel
 from vlp.models.regions import RegionInputs
-from vlp.models.rng import step_task
 from vlp.models.single_stream import RegionClassifier, RegionSingleStream, RegionStreamConfig
 from vlp.types import Batch
 
@@ -102,16 +101,14 @@ class Uniter(RegionSingleStream, PretrainMethod):
     rank_independent_parts = ("labelled_region_rate",)
     OWNER = "UNITER"
     ITM_SALT = SALT_ITM
+    TASKS = TASKS
+    TASK_SALT = SALT_TASK
     no_label_consequence = "MRC has no targets (its loss is 0); MLM and ITM are unaffected"
     TASK_PARAMETERS = {"mlm": ("model.mlm_head.",), "mrc": ("region_head.",), "itm": ("model.itm_head.",)}
 
     def __init__(self, model: VLModel, cfg: UniterConfig, num_classes: int, *, mask_id: int,
                  special_ids: Iterable[int], vocab_size: int, seed: int = 0) -> None:
         super().__init__()
-        for name in ("task_ratio", "task_weights"):
-            values = [getattr(getattr(cfg, name), t) for t in TASKS]
-            if min(values) < 0 or sum(values) <= 0:
-                raise ValueError(f"method.{name} must be >= 0 with a positive sum, got {getattr(cfg, name)}")
         if num_classes < 1:
             raise ValueError(f"UNITER's region classifier needs at least one object class, got {num_classes}")
         self.model, self.cfg = model, cfg
@@ -121,6 +118,7 @@ class Uniter(RegionSingleStream, PretrainMethod):
         self.init_region_stream(model, cfg)  # region_feat_dim, region_embed, _warned
         self.region_head = RegionClassifier(model.cfg.text.width, num_classes + 1, model.cfg.init_std)
         self.register_buffer("task_step", torch.zeros((), dtype=torch.long))
+        self.check_task_mix()
 
     @classmethod
     def from_config(cls, cfg: RunConfig, model: VLModel, tokenizer: Any,
@@ -142,22 +140,9 @@ class Uniter(RegionSingleStream, PretrainMethod):
 
     def unused_parameters(self) -> set[str]:
         """`region_unused_prefixes` and the heads of tasks that may not run in a step."""
-        off = set(TASKS) if self.cfg.task_mixing == "ratio" else {
-            t for t in TASKS if getattr(self.cfg.task_weights, t) == 0}
-        prefixes = self.region_unused_prefixes() + [p for t in off for p in self.TASK_PARAMETERS[t]]
+        prefixes = self.region_unused_prefixes() + self.unused_task_prefixes()
         return {name for name, param in self.named_parameters()
                 if param.requires_grad and any(name.startswith(p) for p in prefixes)}
-
-    def task_for_step(self, step: int) -> str:
-        """The task 'ratio' mixing runs at optimizer step `step` (P ∝ task_ratio; keyed by seed and step)."""
-        weights = [getattr(self.cfg.task_ratio, t) for t in TASKS]
-        return TASKS[step_task(step, weights, SALT_TASK * 1_000_003 + self.seed)]
-
-    def itm_steps(self, steps: int) -> int:
-        """ITM's steps among the first `steps` (every step under 'sum' with an ITM weight, else its draws)."""
-        if self.cfg.task_mixing == "sum":
-            return int(steps) if self.cfg.task_weights.itm > 0 else 0
-        return sum(self.task_for_step(step) == "itm" for step in range(int(steps)))
 
     # ------------------------------------------------------------------------------ tasks
     def mlm(self, batch: Batch, regions: RegionInputs) -> tuple[Tensor, Tensor]:
@@ -198,12 +183,7 @@ class Uniter(RegionSingleStream, PretrainMethod):
         the tasks that ran (one under 'ratio' mixing in training; all with a weight otherwise), and always
         `labelled_region_rate` (per-sample share of real regions with a class: 0 = MRC has no targets)."""
         regions = self.regions(batch)
-        if self.training and self.cfg.task_mixing == "ratio":
-            run = {self.task_for_step(int(self.task_step)): 1.0}
-        else:
-            mix = self.cfg.task_weights if self.training else self.cfg.task_ratio
-            total = sum(getattr(mix, t) for t in TASKS)
-            run = {t: getattr(mix, t) / total for t in TASKS if getattr(mix, t) > 0}
+        run = self.tasks_to_run()
         parts: dict[str, Tensor] = {}
         loss = regions.feats.sum() * 0.0
         for task, weight in run.items():

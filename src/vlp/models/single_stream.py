@@ -42,7 +42,7 @@ from vlp.models.layers import BERT_LN_EPS
 from vlp.models.losses import itm_loss
 from vlp.models.model import VLModel
 from vlp.models.regions import RegionInputBuilder, RegionInputs
-from vlp.models.rng import sample_uniforms
+from vlp.models.rng import sample_uniforms, step_task
 from vlp.types import Batch, PairOutput
 
 RegionSource = Literal["pixels", "vit"]
@@ -115,9 +115,10 @@ def check_region_stream(model: VLModel, cfg: RegionStreamConfig) -> None:
 class RegionSingleStream:
     """Mixin of region single-stream methods (module docstring). Put it before `PretrainMethod` in the bases.
 
-    The host sets `model` (VLModel, fusion 'single'), `cfg` (RegionStreamConfig), `region_embed`
-    (`RegionEmbedding(self.region_feat_dim, d)`), `region_feat_dim` and `_warned` (a set), and the class
-    attributes `OWNER` (name in messages) and `ITM_SALT` (keys its ITM draws). Hooks it may override:
+    The host sets `model` (VLModel, fusion 'single'), `cfg` (RegionStreamConfig with `task_mixing`,
+    `task_ratio`, `task_weights`), `seed`, the buffer `task_step`, `region_embed`, `region_feat_dim` and
+    `_warned` (`init_region_stream` sets the last three), and the class attributes `OWNER` (name in
+    messages), `ITM_SALT` (keys its ITM draws), `TASKS`, `TASK_SALT`, `TASK_PARAMETERS` (task mixing). Hooks it may override:
     `word_vectors`, `region_vectors` (the vectors that enter the encoder's slots) and `no_label_consequence`
     (what label-less regions mean for its objectives, for the once-per-cause warning).
     """
@@ -130,6 +131,13 @@ class RegionSingleStream:
     OWNER: str = "the method"
     ITM_SALT: int = 0x55_49_54_4D  # "UITM"
     no_label_consequence: str = "objectives that need region classes get no targets"
+    # task mixing (UNITER: one task per step): the host's task names (fields of its cfg.task_ratio /
+    # task_weights, one of them "itm"), the salt of its step draw, and each task's own head parameters
+    TASKS: tuple[str, ...] = ()
+    TASK_SALT: int = 0
+    TASK_PARAMETERS: dict[str, tuple[str, ...]] = {}
+    seed: int
+    task_step: Tensor
 
     def init_region_stream(self, model: VLModel, cfg: RegionStreamConfig) -> None:
         """Check the config and set `region_feat_dim`, `region_embed`, `_warned` (call after nn.Module init)."""
@@ -148,6 +156,47 @@ class RegionSingleStream:
         if self.cfg.region_feat_dim > 0 or self.cfg.region_source == "pixels":
             prefixes.append("model.vision.")
         return prefixes
+
+    # ------------------------------------------------------------------------------ task mixing
+    def check_task_mix(self) -> None:
+        """ValueError unless `task_ratio` and `task_weights` are >= 0 with a positive sum over `TASKS`."""
+        for name in ("task_ratio", "task_weights"):
+            values = [getattr(getattr(self.cfg, name), t) for t in self.TASKS]
+            if min(values) < 0 or sum(values) <= 0:
+                raise ValueError(f"method.{name} must be >= 0 with a positive sum, got {getattr(self.cfg, name)}")
+
+    def task_for_step(self, step: int) -> str:
+        """The task 'ratio' mixing runs at optimizer step `step`: P(task) ∝ task_ratio, drawn from (train seed,
+        step) alone (`vlp.models.rng.step_task`), so resumed runs, ranks and micro-batches agree."""
+        weights = [getattr(self.cfg.task_ratio, t) for t in self.TASKS]
+        return self.TASKS[step_task(step, weights, self.TASK_SALT * 1_000_003 + self.seed)]
+
+    def tasks_to_run(self) -> dict[str, float]:
+        """{task: loss weight} of this forward: the step's one task (weight 1) under 'ratio' mixing in
+        training (the counter `task_step` is advanced in `on_step_end`); otherwise every task with a weight,
+        normalised by their sum (`task_weights` in training, `task_ratio` in eval mode)."""
+        if self.training and self.cfg.task_mixing == "ratio":
+            return {self.task_for_step(int(self.task_step)): 1.0}
+        mix = self.cfg.task_weights if self.training else self.cfg.task_ratio
+        total = sum(getattr(mix, t) for t in self.TASKS)
+        return {t: getattr(mix, t) / total for t in self.TASKS if getattr(mix, t) > 0}
+
+    def unused_task_prefixes(self) -> list[str]:
+        """Parameter prefixes of the heads of tasks that may not run in a step (`TASK_PARAMETERS`): every
+        task's under 'ratio' mixing, zero-weight tasks under 'sum'."""
+        if self.cfg.task_mixing == "ratio":
+            off = set(self.TASKS)
+        else:
+            off = {t for t in self.TASKS if getattr(self.cfg.task_weights, t) == 0}
+        return [p for task in off for p in self.TASK_PARAMETERS[task]]
+
+    def itm_steps(self, steps: int) -> int:
+        """How many of the first `steps` optimizer steps train ITM: every step under 'sum' mixing with an ITM
+        weight, else the steps whose task draw (`task_for_step`) is ITM. Single-stream ITM sits at its
+        prior for ~450-500 ITM steps at the tiny sizes (README), so every ranking is reported with this."""
+        if self.cfg.task_mixing == "sum":
+            return int(steps) if self.cfg.task_weights.itm > 0 else 0
+        return sum(self.task_for_step(step) == "itm" for step in range(int(steps)))
 
     # ------------------------------------------------------------------------------ randomness
     def _uniforms(self, batch: Batch, shape: tuple[int, ...], salt: int) -> Tensor:
