@@ -11,9 +11,8 @@ on the same test examples, so a method's curve (metric vs pairs) can be read aga
     cell); only the budget and the seed change. `data.train_images` is raised where a budget needs more
     images than the config renders (it does not change which pairs a budget holds: budgets are prefixes).
   * tasks: "retrieval" is the pre-training run's own evaluation (R-mean of the method's headline protocol,
-    as `vlp.demo.method_row` picks it, with the number of steps the ITM loss ran: `train.log_every` is 1 so
-    `metrics.jsonl` has one record per step and the records with an `itm` part are counted; under ratio
-    mixing that is the steps that drew ITM); "ve", "rec", "vqa", "nlvr2" and "retrieval_ft" (retrieval
+    as `vlp.demo.method_row` picks it, with the number of steps that trained ITM, `eval/itm_steps`: under
+    ratio mixing only the steps that drew ITM); "ve", "rec", "vqa", "nlvr2" and "retrieval_ft" (retrieval
     fine-tuning) fine-tune the checkpoint with `vlp.demo`'s compact fine-tune (`DEMO_FINETUNE`, seeded by
     the cell's seed; `--finetune-steps`) and score its test split (`vlp.demo.finetune_cell`).
   * floors: per seed a from-scratch start (no pre-training: the fine-tunes' `task.init`, method "scratch",
@@ -214,8 +213,7 @@ def plan_cells(out_dir: Path, methods: Sequence[str], budgets: Sequence[int], se
     for method in methods:
         for budget in budgets:
             for seed in seeds:
-                cell_overrides = [f"data.budget={budget}", f"train.seed={seed}", *pre_base, *overrides,
-                                  "train.log_every=1"]  # one metrics record per step: the ITM steps count
+                cell_overrides = [f"data.budget={budget}", f"train.seed={seed}", *pre_base, *overrides]
                 cfg = load_config(method_class(method).demo_config, cell_overrides)
                 if budget > cfg.data.train_images * NUM_CAPTIONS:  # budgets are prefixes: render enough images
                     cell_overrides.append(f"data.train_images={math.ceil(budget / NUM_CAPTIONS)}")
@@ -275,16 +273,11 @@ def plan_cells(out_dir: Path, methods: Sequence[str], budgets: Sequence[int], se
 
 
 # ------------------------------------------------------------------------------------------ running
-def _itm_steps(run_dir: Path, metrics: dict[str, Any]) -> Optional[int]:
-    """The steps the ITM loss ran: the run's own count when its evaluation records one (`eval/itm_steps`),
-    else the training records whose parts include `itm` (one record per step: the report sets
-    train.log_every=1, so under ratio mixing only the steps that drew ITM count); None without ITM."""
+def _itm_steps(metrics: dict[str, Any]) -> Optional[int]:
+    """The steps that trained ITM, as the run's evaluation records them (`eval/itm_steps`, from the method's
+    `itm_steps`); None for a method without ITM."""
     found = metrics.get("eval/itm_steps", metrics.get("itm_steps"))
-    if found is not None:
-        return int(found)
-    records = [r for r in read_metrics_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
-    count = sum(1 for r in records if "itm" in r)
-    return count or None
+    return None if found is None else int(found)
 
 
 def run_cell(cell: Cell) -> dict[str, Any]:
@@ -303,7 +296,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         value = headline_r_mean(metrics, "eval/")
         row.update(metric=f"{ranking}/r_mean" if ranking else "r_mean",
                    value=headline_r_mean(metrics) if value is None else value,
-                   itm_steps=_itm_steps(cell.run_dir, metrics))
+                   itm_steps=_itm_steps(metrics))
     elif cell.kind == "finetune":
         assert cell.run_dir is not None
         result = finetune_cell(_finetune_task(cell.task), cell.checkpoint, cell.run_dir, cell.overrides)
