@@ -184,7 +184,7 @@ def test_retrieval_files_reads_the_corpus_like_finetune_and_eval(corpus):
 @needs_noto
 def test_noto_style_and_the_cross_style_file(tmp_path):
     build = build_openmoji(tmp_path, image_size=SIZE, style="both", limit=LIMIT)
-    assert set(build.datasets) == {"openmoji", "noto", CROSS_STYLE}
+    assert set(build.datasets) == {"openmoji", "noto", CROSS_STYLE, "openmoji_pretrain", "noto_pretrain"}
     noto = json.loads(build.datasets["noto"].read_text(encoding="utf-8"))["images"]
     om = {i["codepoints"]: i for i in json.loads(build.datasets["openmoji"].read_text(encoding="utf-8"))["images"]}
     assert noto and all(i["filepath"] == "images/noto" for i in noto)
@@ -200,3 +200,16 @@ def test_noto_style_and_the_cross_style_file(tmp_path):
     assert [i["codepoints"] for i in cross if i["split"] == "test"] == [i["codepoints"] for i in noto if i["split"] == "test"]
     assert {i["style"] for i in cross if i["split"] == "test"} == {"noto"}
     assert len(build.styles["noto"].rendered) + len(build.styles["noto"].dropped) == LIMIT
+
+
+def test_train_caption_list_is_the_pretraining_schema(tmp_path):
+    """`<style>_train_captions.json` holds exactly the train split, one record per image with its captions,
+    in the schema `data.source: karpathy` pre-trains on; every image path exists."""
+    from vlp.data.datasets import read_caption_file
+
+    build = build_openmoji(tmp_path / "c", limit=30)
+    entries = read_caption_file(build.datasets["openmoji_pretrain"], require_image=True)
+    train = [e for e in build.styles["openmoji"].rendered if e.split == "train"]
+    assert len(entries) == len(train) > 0
+    assert all((tmp_path / "c" / entry.image).is_file() for entry in entries)
+    assert sorted(len(entry.captions) for entry in entries) == sorted(len(e.captions) for e in train)

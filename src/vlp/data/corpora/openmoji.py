@@ -341,6 +341,14 @@ def karpathy_dataset(items: list[tuple[EmojiEntry, str]], dataset: str) -> dict:
     return {"images": images, "dataset": dataset}
 
 
+def pretrain_captions(entries: list[EmojiEntry], style: str) -> list[dict]:
+    """The train split as an ALBEF/BLIP caption list (`[{"image", "caption": [...], "image_id"}]`), the
+    schema `data.source: karpathy` pre-trains on (`vlp.data.datasets.read_caption_file`); image paths as in
+    `karpathy_dataset`. Only train images: val / test stay held out for retrieval evaluation."""
+    return [{"image": f"images/{style}/{e.filename}", "caption": list(e.captions), "image_id": e.codepoints}
+            for e in entries if e.split == "train"]
+
+
 @dataclass
 class StyleBuild:
     """What one style's rendering produced: the entries drawn, the ones dropped (with why), the time."""
@@ -375,7 +383,8 @@ class CorpusBuild:
     def commands(self) -> list[str]:
         """The exact `vlp finetune retrieval` / `vlp eval retrieval` command lines for these files: fine-tune
         on the train split (both styles: of the cross-style file, i.e. OpenMoji) and score its test split,
-        then re-score the run on the test split of every style's file."""
+        then re-score the run on the test split of every style's file; and `vlp pretrain` on each style's
+        train pairs (`<style>_train_captions.json`, the `data.source: karpathy` schema)."""
         root, run = self.out, Path("runs") / f"{self.out.name}_retrieval"
         train = self.datasets.get(CROSS_STYLE, next(iter(self.datasets.values())))
         lines = [
@@ -384,7 +393,11 @@ class CorpusBuild:
             f"--set task.train_size=0 --set eval.num_images=0",
         ]
         for name, path in self.datasets.items():
-            if name != CROSS_STYLE:
+            if name.endswith("_pretrain"):
+                lines.append(f"vlp pretrain --config demo_clip --set data.source=karpathy --set data.captions={path} "
+                             f"--set data.image_root={root} --set train.out_dir=runs/{self.out.name}_{name}   "
+                             f"# pre-train on the {name.split('_')[0]} train pairs (then --checkpoint it above)")
+            elif name != CROSS_STYLE:
                 lines.append(f"vlp eval retrieval --checkpoint {run} --data files --set task.image_root={root} "
                              f"--set task.annotations.test={path} --set eval.num_images=0   # {name} test images")
         return lines
@@ -508,6 +521,9 @@ def build_openmoji(out: str | Path, image_size: int = 64, style: str = "openmoji
         datasets[s] = root / f"dataset_{s}.json"
         datasets[s].write_text(json.dumps(karpathy_dataset([(e, s) for e in built[s].rendered], s), ensure_ascii=False),
                                encoding="utf-8")
+        datasets[f"{s}_pretrain"] = root / f"{s}_train_captions.json"  # for data.source: karpathy
+        datasets[f"{s}_pretrain"].write_text(json.dumps(pretrain_captions(built[s].rendered, s), ensure_ascii=False),
+                                             encoding="utf-8")
     if style == "both":
         cross = [(e, "openmoji") for e in built["openmoji"].rendered if e.split != "test"]
         cross += [(e, "noto") for e in built["noto"].rendered if e.split == "test"]
@@ -527,6 +543,6 @@ def build_openmoji(out: str | Path, image_size: int = 64, style: str = "openmoji
 __all__ = [
     "APT_COMMAND", "CROSS_STYLE", "NOTO_FONT", "PIP_COMMAND", "STYLES", "STYLE_CHOICES", "TEMPLATES", "CorpusBuild",
     "EmojiEntry", "GlyphRenderer", "StyleBuild", "build_openmoji", "caption_tokens", "codepoints", "emoji_captions",
-    "emoji_entries", "is_flag", "karpathy_dataset", "name_text", "noto_font_path", "openmoji_font_path",
+    "emoji_entries", "is_flag", "karpathy_dataset", "name_text", "pretrain_captions", "noto_font_path", "openmoji_font_path",
     "order_score", "split_of", "split_score",
 ]
