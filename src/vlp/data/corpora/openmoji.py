@@ -394,7 +394,8 @@ class CorpusBuild:
         ]
         for name, path in self.datasets.items():
             if name.endswith("_pretrain"):
-                lines.append(f"vlp pretrain --config demo_clip --set data.source=karpathy --set data.captions={path} "
+                lines.append(f"vlp pretrain --config demo_clip --set data.source=karpathy --set data.tokenizer=captions "
+                             f"--set data.budget=null --set data.captions={path} "
                              f"--set data.image_root={root} --set train.out_dir=runs/{self.out.name}_{name}   "
                              f"# pre-train on the {name.split('_')[0]} train pairs (then --checkpoint it above)")
             elif name != CROSS_STYLE:
