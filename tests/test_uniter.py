@@ -10,6 +10,7 @@ import torch
 from vlp.config import ConfigError, build_config
 from vlp.data.datasets import PairDataset, collate
 from vlp.data.lexicon import CLASSES, class_words
+from vlp.data.world import World
 from vlp.methods import build_method, method_class
 from vlp.methods.uniter import Uniter, region_mask
 from vlp.models.losses import IGNORE_INDEX
@@ -126,21 +127,13 @@ def test_uniter_mrc_reads_unseen_images(tok):
     """150 summed steps on 96 world pairs: on 48 unseen images masked region classification is far above
     chance (1/19; measured 0.20-0.32). The masked region's own content is hidden, so the class comes from the
     caption's words bound to the region's box and neighbours."""
-    from vlp.data.world import World
-
     world = World(seed=1, image_size=32, sizes={"train": 200, "val": 8, "test": 48})
     train_rows = PairDataset(world.split("train"), tok, 40)
     test_rows = PairDataset(world.split("test"), tok, 40)
     train = collate([train_rows[i] for i in range(0, 5 * 96, 5)])
     test = collate([test_rows[i] for i in range(0, 5 * 48, 5)])
     method = make_uniter(tok, task_mixing="sum", task_weights={"mlm": 1, "mrc": 1, "itm": 1}).train()
-    opt = torch.optim.AdamW(method.parameters(), lr=2e-3)
-    for step in range(150):
-        train.sample_keys = torch.arange(len(train)) + 1000 * step
-        out = method(train)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
+    fit_rekeyed(method, train, steps=150, lr=2e-3)
     method.eval()
     test.sample_keys = torch.arange(len(test))
     with torch.no_grad():
@@ -165,19 +158,24 @@ def test_single_stream_itm_learns_its_pairs(tok, name):
     torch.manual_seed(0)
     method = build_method(cfg, VLModel(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id), tok,
                           class_words=WORDS).train()
-    opt = torch.optim.AdamW(method.parameters(), lr=1e-3)
-    accs = []
-    for step in range(240):
-        train.sample_keys = torch.arange(len(train)) + 1000 * step
-        out = method(train)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        accs.append(out["itm_acc"].item())
+    accs = [out["itm_acc"].item() for out in fit_rekeyed(method, train, steps=240, lr=1e-3)]
     assert sum(accs[-20:]) / 20 > 0.8, accs[-20:]  # chance 0.5
 
 
-def world_32_train():
-    from vlp.data.world import World
+def fit_rekeyed(method, batch, steps: int, lr: float) -> list[dict]:
+    """`steps` AdamW steps on one batch whose sample keys change every step (fresh masks and ITM negatives,
+    unlike `conftest.fit_full_batch`): the outputs of every step."""
+    opt = torch.optim.AdamW(method.parameters(), lr=lr)
+    outs = []
+    for step in range(steps):
+        batch.sample_keys = torch.arange(len(batch)) + 1000 * step
+        out = method(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        outs.append(out)
+    return outs
 
+
+def world_32_train():
     return World(seed=1, image_size=32, sizes={"train": 100, "val": 8, "test": 8}).split("train")

@@ -125,7 +125,6 @@ from vlp.models.single_stream import (
     RegionClassifier,
     RegionSingleStream,
     RegionStreamConfig,
-    check_region_stream,
     sphere,
 )
 from vlp.types import Batch
@@ -479,20 +478,6 @@ class Cmal(RegionSingleStream, PretrainMethod):
     # parameters each task reaches (others reach the shared encoder, embeddings and region embedding)
     TASK_PARAMETERS = {"itm": ("model.itm_head.",), "amc": ("region_head.", "model.mlm_head."), "wrc": ("log_tau",)}
 
-    @classmethod
-    def region_feature_dim(cls, cfg: RunConfig) -> Optional[int]:
-        """`method.region_feat_dim`: the width of precomputed detector features (0 = regions are RoI-pooled
-        from the images, `method.region_source`)."""
-        return int(cfg.method.region_feat_dim)
-
-    def unused_parameters(self) -> set[str]:
-        """What a region single stream never trains (`region_unused_prefixes`: the ITC parts, the fusion's own
-        image input path, the ViT unless regions are pooled from it) and the heads of tasks that may not run
-        in a step (every task's under 'ratio' mixing, zero-weight tasks under 'sum')."""
-        prefixes = self.region_unused_prefixes() + self.unused_task_prefixes()
-        return {name for name, param in self.named_parameters()
-                if param.requires_grad and any(name.startswith(p) for p in prefixes)}
-
     def __init__(
         self,
         model: VLModel,
@@ -506,7 +491,6 @@ class Cmal(RegionSingleStream, PretrainMethod):
     ) -> None:
         super().__init__()
         mcfg = model.cfg
-        check_region_stream(model, cfg)
         if lexicon.vocab_size != vocab_size:
             raise ValueError(f"the lexicon covers {lexicon.vocab_size} ids but the tokenizer has {vocab_size}: "
                              f"build it with the run's tokenizer")

@@ -133,17 +133,6 @@ class Uniter(RegionSingleStream, PretrainMethod):
         return cls(model, cfg.method, len(class_words), mask_id=tokenizer.mask_id,
                    special_ids=tokenizer.special_ids, vocab_size=tokenizer.vocab_size, seed=cfg.train.seed)
 
-    @classmethod
-    def region_feature_dim(cls, cfg: RunConfig) -> Optional[int]:
-        """`method.region_feat_dim`: the width of precomputed detector features (0 = regions from images)."""
-        return int(cfg.method.region_feat_dim)
-
-    def unused_parameters(self) -> set[str]:
-        """`region_unused_prefixes` and the heads of tasks that may not run in a step."""
-        prefixes = self.region_unused_prefixes() + self.unused_task_prefixes()
-        return {name for name, param in self.named_parameters()
-                if param.requires_grad and any(name.startswith(p) for p in prefixes)}
-
     # ------------------------------------------------------------------------------ tasks
     def mlm(self, batch: Batch, regions: RegionInputs) -> tuple[Tensor, Tensor]:
         """MLM conditioned on the intact regions -> (loss, accuracy at the masked tokens)."""

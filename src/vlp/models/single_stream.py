@@ -36,7 +36,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from vlp.config import MethodConfig
+from vlp.config import MethodConfig, RunConfig
 from vlp.models.anchors import RegionEmbedding, sample_uniform_index
 from vlp.models.layers import BERT_LN_EPS
 from vlp.models.losses import itm_loss
@@ -146,6 +146,19 @@ class RegionSingleStream:
         self.region_feat_dim = image_region_dim(cfg, mcfg.vision.width)
         self.region_embed = RegionEmbedding(self.region_feat_dim, mcfg.text.width, mcfg.fusion.dropout, mcfg.init_std)
         self._warned = set()
+
+    @classmethod
+    def region_feature_dim(cls, cfg: RunConfig) -> Optional[int]:
+        """`method.region_feat_dim`: the width of precomputed detector features (0 = regions are RoI-pooled
+        from the images, `method.region_source`)."""
+        return int(cfg.method.region_feat_dim)
+
+    def unused_parameters(self) -> set[str]:
+        """What a region single stream never trains (`region_unused_prefixes`) and the heads of tasks that may
+        not run in a step (`unused_task_prefixes`)."""
+        prefixes = self.region_unused_prefixes() + self.unused_task_prefixes()
+        return {name for name, param in self.named_parameters()
+                if param.requires_grad and any(name.startswith(p) for p in prefixes)}
 
     def region_unused_prefixes(self) -> list[str]:
         """Parameter-name prefixes a region single stream never trains: the shared model's ITC parts and the
