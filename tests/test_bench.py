@@ -13,13 +13,23 @@ def test_bench_train_step_reports_throughput_and_mfu():
     # a training step does at least forward + backward of the encoders: > 2x forward flops per pair
     assert result["GFLOP_per_step"] > 0
     assert 0 < result["mfu"] < 1.5 and result["matmul_peak_TFLOPs"] > 0
-    assert result["peak_rss_GiB"] > 0.05
+    # the row's own peak (reset before the row where Linux allows it), else the process's
+    assert result.get("peak_rss_GiB", result.get("peak_rss_process_GiB", 0)) > 0.05
+    assert result["threads"] >= 1 and result["precision"].startswith("fp32")
 
 
 def test_matmul_peak_is_positive():
     import torch
 
     assert matmul_peak_flops(torch.device("cpu"), torch.float32, n=128, repeats=2) > 1e6
+
+
+def test_cpu_matmul_peaks_report_capability_and_both_dtypes():
+    from vlp.bench import cpu_matmul_peaks
+
+    result = cpu_matmul_peaks(n=64, seconds=0.01)
+    assert result["cpu_capability"] and result["bf16_matmul"].split()[0] in ("fast", "slow")
+    assert result["fp32_matmul_GFLOPs"] > 0 and result["bf16_matmul_GFLOPs"] > 0
 
 
 def test_bench_world():

@@ -117,3 +117,20 @@ def test_a_changed_foreign_key_on_a_v0_1_dump_is_not_dropped_silently():
     with pytest.raises(ConfigError, match=r"'method\.region_mask_prob' belongs to method 'cmal'"):
         load_config(path, ["method.region_mask_prob=0.2"])
     assert load_config(path, ["method.mlm_prob=0.2"]).method.mlm_prob == 0.2
+
+
+def test_model_override_on_a_named_size_keeps_the_size():
+    """`--set model.vision.depth=2` on `model: tiny` changes that key only (issue 14: it used to replace the
+    size by a mapping of the override alone, silently building a model from the defaults)."""
+    cfg = build_config({"model": "tiny"}, ["model.vision.depth=2"])
+    tiny = build_config({"model": "tiny"})
+    assert cfg.model.vision.depth == 2 and cfg.model.name == "tiny"
+    assert cfg.model.init_std == tiny.model.init_std and cfg.model.text == tiny.model.text
+    assert cfg.model.vision.width == tiny.model.vision.width
+    assert build_config({}, ["model.text.depth=3"]).model.init_std == tiny.model.init_std  # default size: tiny
+
+
+def test_overrides_never_write_into_the_callers_mapping():
+    raw = {"model": {"size": "tiny", "text": {"depth": 1}}, "train": {"steps": 5}}
+    build_config(raw, ["model.text.depth=3", "train.steps=7"])
+    assert raw == {"model": {"size": "tiny", "text": {"depth": 1}}, "train": {"steps": 5}}

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from vlp.build import method_class_of, world_class_words
 from vlp.config import RunConfig, build_config, load_config
-from vlp.data.datasets import PairDataset, RetrievalSet, collate
+from vlp.data.datasets import PairDataset, RetrievalSet, collate, distinct_images
 from vlp.evaluate import evaluate_method
 from vlp.methods import METHODS, PretrainMethod, build_method
 from vlp.methods.base import BATCH_INPUTS, RETRIEVAL_PROTOCOLS
@@ -54,14 +54,22 @@ def contract_config(name: str, image_size: int = 32, **train) -> RunConfig:
     base["train"].update({"steps": 2, "batch_size": 8, "warmup_steps": 1, "log_every": 1, "ckpt_every": 0,
                           "device": "cpu", "progress": False, "tensorboard": False, **train})
     base["eval"].update(num_images=4, k_rerank=2, batch_size=16)
+    if "image_vocab_size" in base["method"]:  # a visual tokenizer: 40 tiny images hold few distinct patches
+        base["method"].update(image_vocab_size=16, tokenizer_images=40)
     return build_config(base, source=f"contract:{name}")
 
 
-def build(name: str, tok, seed: int = 0, **train) -> tuple[RunConfig, PretrainMethod]:
+def build(name: str, tok, seed: int = 0, world=None, **train) -> tuple[RunConfig, PretrainMethod]:
+    """The method at the contract size; with `world`, prepared as the Trainer would before step 0
+    (`images_to_prepare` / `prepare`), for tests that call the method directly."""
     cfg = contract_config(name, **train)
     torch.manual_seed(seed)
     model = VLModel(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id)
-    return cfg, build_method(cfg, model, tok, class_words=world_class_words())
+    method = build_method(cfg, model, tok, class_words=world_class_words())
+    if world is not None and method.images_to_prepare():
+        method.prepare(distinct_images(PairDataset(world.split("train"), tok, 40, max_words=40),
+                                       method.images_to_prepare()))
+    return cfg, method
 
 
 def batch_of(world, tok, rows: int = 8):
@@ -91,7 +99,7 @@ def test_declared_capabilities_are_consistent(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_forward_loss_parts_and_gradients(name, world, tok):
-    cfg, method = build(name, tok)
+    cfg, method = build(name, tok, world=world)
     method.train()
     batch = batch_of(world, tok)
     out = method(batch)
@@ -156,7 +164,7 @@ def test_ten_steps_resume_ten_equal_twenty(name, world, tok, tmp_path):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_encode_pair_shapes(name, world, tok):
-    cfg, method = build(name, tok)
+    cfg, method = build(name, tok, world=world)
     method.eval()
     batch = batch_of(world, tok, rows=4)
     dim, region_dim = method.pair_dims
@@ -172,7 +180,7 @@ def test_encode_pair_shapes(name, world, tok):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_retrieval_by_the_declared_protocols(name, world, tok):
-    cfg, method = build(name, tok)
+    cfg, method = build(name, tok, world=world)
     rset = RetrievalSet.build(world.split("test"), tok, 40, 4, max_words=40)
     itm_all = build_config(cfg.model_dump(mode="json"), ["eval.itm_all=true"])
     metrics = evaluate_method(method, rset, itm_all, torch.device("cpu"))
@@ -184,7 +192,7 @@ def test_retrieval_by_the_declared_protocols(name, world, tok):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_save_load_round_trip(name, world, tok, tmp_path):
-    cfg, method = build(name, tok, seed=0)
+    cfg, method = build(name, tok, seed=0, world=world)
     method.train()
     for step in range(2):  # move every kind of state (weights, EMA copies, queues, counters)
         batch = batch_of(world, tok)
@@ -197,7 +205,7 @@ def test_save_load_round_trip(name, world, tok, tmp_path):
         method.zero_grad(set_to_none=True)
         method.on_step_end()
     save_model_weights(method, tmp_path / "model.safetensors")
-    _, fresh = build(name, tok, seed=1)
+    _, fresh = build(name, tok, seed=1)  # unprepared: the load must bring the prepared state too
     load_model_weights(tmp_path / "model.safetensors", fresh)
     saved, loaded = method.state_dict(), fresh.state_dict()
     assert saved.keys() == loaded.keys()

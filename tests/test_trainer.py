@@ -285,7 +285,8 @@ def test_grad_clipping_is_applied(tmp_path):
         assert float(total) <= 1e-3 * (1 + 1e-4)
 
 
-def test_bf16_autocast_on_cpu(tmp_path):
+def test_bf16_autocast_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLP_FORCE_CPU_BF16", "1")  # bf16 even on a CPU without bf16 hardware (vlp.train.cpu)
     cfg = make_cfg(steps=3, precision="bf16", ckpt_every=0)
     method = toy(0)
     records = Trainer(cfg, method, ToyData(), collate, tmp_path).fit()
@@ -294,7 +295,8 @@ def test_bf16_autocast_on_cpu(tmp_path):
     assert method.net[0].weight.dtype == torch.float32  # master weights stay fp32
 
 
-def test_fp16_on_cpu_falls_back_to_bf16(tmp_path):
+def test_fp16_on_cpu_falls_back_to_bf16(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLP_FORCE_CPU_BF16", "1")  # else fp32 on a CPU without bf16 hardware (tests/test_cpu.py)
     with pytest.warns(UserWarning, match="fp16 needs CUDA"):
         trainer = Trainer(make_cfg(precision="fp16"), toy(0), ToyData(), collate, tmp_path)
     assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
@@ -408,7 +410,7 @@ def test_run_outputs_and_checkpoint_contents(tmp_path):
     assert (out / "config.yaml").read_text() == dump_config(cfg)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tb"))
     ck = out / "checkpoint"
-    assert sorted(os.listdir(out)) == ["checkpoint", "config.yaml", "metrics.jsonl", "tb"]
+    assert sorted(os.listdir(out)) == ["checkpoint", "config.yaml", "metrics.jsonl", "runtime.json", "tb"]
     assert sorted(os.listdir(ck)) == [
         "config.yaml", "metrics.jsonl", "model.safetensors", "tokenizer.json", "trainer.pt"]
     assert (ck / "tokenizer.json").read_text() == tok.read_text()
@@ -565,6 +567,8 @@ def test_progress_lines_on_non_tty_stderr(tmp_path, capfd):
     Trainer(cfg, toy(0), ToyData(), collate, tmp_path / "albef").fit()
     err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[0].startswith("[albef] cpu: ") and "torch threads" in lines[0], err  # the run's header
+    lines = lines[1:]
     pattern = (r"\[albef\] step (\d+)/7 loss \d+\.\d{4} lr \d\.\de[-+]\d\d \d+\.\d samples/s "
                r"ETA (\d+s|\d+m\d\ds|\d+h\d\dm\d\ds)")
     assert len(lines) == 3, err  # steps 3, 6 and the last (7)

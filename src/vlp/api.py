@@ -31,7 +31,7 @@ from vlp.demo import (
 from vlp.evaluate import evaluate_checkpoint, evaluate_method
 from vlp.finetune import evaluate_task, finetune, finetune_config
 from vlp.methods import METHODS, method_class
-from vlp.pretrain import pretrain
+from vlp.pretrain import fit_prepared_state, pretrain
 from vlp.report import report_data_efficiency
 
 
@@ -70,7 +70,7 @@ def show_method(method: str, out: str | Path, **options: Any) -> Path:
 __all__ = [
     "DEMO_COLUMNS", "DEMO_TASKS", "DOWNSTREAM_METRICS", "EVAL_SPLIT_SIZE", "build_openmoji", "build_run_method", "build_tokenizer", "build_world",
     "checkpoint_dir", "class_words_for", "demo", "demo_methods", "downstream_table", "evaluate_checkpoint",
-    "evaluate_method", "evaluate_task", "finetune", "finetune_config", "load_checkpoint_method",
+    "evaluate_method", "evaluate_task", "finetune", "finetune_config", "fit_prepared_state", "load_checkpoint_method",
     "load_checkpoint_model", "method_class", "method_row", "pretrain", "report_data_efficiency", "retrieval_set", "show_method", "show_world", "text_floor_row",
     "world_class_words",
 ]

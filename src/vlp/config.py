@@ -12,6 +12,7 @@ Errors a user can act on:
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -53,6 +54,8 @@ class TextConfig(Section):
     norm: Literal["post", "pre"] = "post"  # post-LN = BERT (required for MiniLM init)
     init: Literal["none", "minilm"] = "none"
     dropout: float = 0.0
+    # true = SIMLA's shared encoder: every layer also cross-attends to the image when given one (fusion.depth 0)
+    cross_attention: bool = False
 
 
 class FusionConfig(Section):
@@ -190,6 +193,9 @@ class TrainConfig(Section):
     grad_clip: float = 1.0  # 0 = off
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch intra-op threads per process; 0 = auto: the cores available (affinity mask) / processes on
+    # this host (torchrun) - data.num_workers, at least 1 (vlp.train.cpu; `vlp --threads N` sets it)
+    threads: int = Field(0, ge=0)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
@@ -373,7 +379,11 @@ def _method_section(raw: Any, source: str) -> MethodConfig:
 def build_config(raw: dict, overrides: list[str] | None = None, source: str = "config") -> RunConfig:
     """Validate a raw mapping (+ `key=value` overrides) into a `RunConfig`; the `method` section is
     validated against the class its `name` selects (`MethodConfig`)."""
-    raw = dict(raw)
+    raw = copy.deepcopy(dict(raw))  # `--set` writes into nested sections: never into the caller's mapping
+    if isinstance(raw.get("model", "tiny"), str) and any(str(o).strip().startswith("model.") for o in overrides or []):
+        # a named size is expanded BEFORE `--set model.x=...` lands on it (else the override would replace
+        # the name by a mapping holding only the override, and the model would silently be built from defaults)
+        raw["model"] = model_size(str(raw.get("model", "tiny")))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got '{item}' (example: --set train.steps=100)")

@@ -20,6 +20,7 @@ from vlp.data.datasets import RetrievalSet
 from vlp.methods import PretrainMethod
 from vlp.taskdata import file_retrieval_set, retrieval_files
 from vlp.tasks.retrieval import evaluate_method_retrieval, retrieval_examples
+from vlp.train.cpu import configure_cpu
 from vlp.train.launch import select_device
 from vlp.train.precision import autocast_dtype
 from vlp.viz import plot_retrieval_examples
@@ -61,6 +62,7 @@ def evaluate_checkpoint(
     printed and counted as `skipped_records`."""
     cfg, tokenizer, method = load_checkpoint_method(checkpoint, overrides)
     device = select_device(cfg.train.device)
+    print(f"[eval] {configure_cpu(cfg.train, 0, device).describe()}", file=sys.stderr, flush=True)
     method.to(device).eval()
     skipped = None
     if cfg.task.data == "files":

@@ -53,6 +53,7 @@ from vlp.tasks.common import RecordDataset, TaskModule, predictions, task_collat
 from vlp.tasks.registry import TASKS
 from vlp.train import launch
 from vlp.train.checkpoint import load_model_weights
+from vlp.train.cpu import configure_cpu
 from vlp.train.launch import select_device
 from vlp.train.loop import Trainer
 from vlp.train.precision import autocast_dtype
@@ -227,6 +228,7 @@ def evaluate_task(run: str | Path, overrides: list[str] | None = None) -> dict[s
     tokenizer = TextTokenizer.load(ckpt / "tokenizer.json")
     method = build_run_method(cfg, tokenizer)
     device = select_device(cfg.train.device)
+    print(f"[eval] {configure_cpu(cfg.train, 0, device).describe()}", file=sys.stderr, flush=True)
     if cfg.task.name == "retrieval":
         load_model_weights(ckpt, method)
         _, _, _, evaluate, _ = _retrieval_parts(cfg, method.to(device), tokenizer, rank=0, train=False)

@@ -16,10 +16,10 @@ import torch
 
 from vlp.build import build_tokenizer, build_world, method_class_of, retrieval_set, world_class_words
 from vlp.config import RunConfig, dump_config, load_config
-from vlp.data.datasets import PairDataset, collate
+from vlp.data.datasets import PairDataset, collate, distinct_images
 from vlp.data.regions import open_pretrain_source
 from vlp.evaluate import evaluate_method, has_itc, write_retrieval_figure
-from vlp.methods import build_method
+from vlp.methods import METHODS, build_method
 from vlp.models.model import VLModel
 from vlp.train import launch
 from vlp.train.loop import Trainer
@@ -86,4 +86,35 @@ def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None,
     return out_dir
 
 
-__all__ = ["pretrain"]
+def fit_prepared_state(config: str | Path | RunConfig, out: str | Path, overrides: list[str] | None = None,
+                       images: int | None = None) -> tuple[Path, dict[str, float]]:
+    """`vlp tokenizer image`: fit the method's data-dependent state (its `prepared_state`, e.g. SIMLA's
+    visual tokenizer) on the first `images` distinct training images of the config's pre-training data (default:
+    the count the method asks for, e.g. `method.tokenizer_images`), exactly as pre-training would before step
+    0, and write it to `out` (a file the config can then name, e.g. `method.visual_tokenizer`).
+    Returns (path, fit statistics). ValueError for a method with nothing to fit."""
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    method_cls = method_class_of(cfg)
+    if method_cls.prepared_state is None:
+        have = [name for name, cls in METHODS.items() if cls.prepared_state is not None]
+        raise ValueError(f"method '{cfg.method.name}' fits nothing before training (methods that do: "
+                         f"{', '.join(have) or 'none'})")
+    source = open_pretrain_source(cfg, method_cls.region_feature_dim(cfg)) if cfg.data.source != "world" else None
+    world = build_world(cfg) if source is None else None
+    tokenizer = build_tokenizer(cfg, world) if source is None else source.tokenizer
+    model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+    method = build_method(cfg, model, tokenizer,
+                          class_words=world_class_words() if source is None else source.class_words)
+    count = images if images is not None else method.images_to_prepare()
+    if count <= 0:
+        raise ValueError(f"{method_cls.__name__} has nothing to fit with this config (a fitted file is named "
+                         f"already, or the objective that needs it has weight 0); pass --images N to fit anyway")
+    dataset = (PairDataset(world.split("train"), tokenizer, cfg.data.max_text_len, cfg.data.budget,
+                           max_words=cfg.data.max_text_len) if source is None else source.dataset)
+    pixels = distinct_images(dataset, count)
+    stats = method.prepare(pixels)
+    path = getattr(method, method_cls.prepared_state).save(out, images=int(pixels.shape[0]), **stats)
+    return path, {**stats, "images": float(pixels.shape[0])}
+
+
+__all__ = ["fit_prepared_state", "pretrain"]

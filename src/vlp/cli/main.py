@@ -22,6 +22,16 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.steps=100 (repeatable)",
     )
+    _add_threads(parser)
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    """`--threads N`, before or after the command (SUPPRESS: a subcommand's unset flag keeps the global one)."""
+    parser.add_argument(
+        "--threads", type=int, default=argparse.SUPPRESS, metavar="N",
+        help="torch intra-op threads per process (train.threads; 0 = auto: cores available / processes on "
+             "this host - data workers)",
+    )
 
 
 DOWNSTREAM = {
@@ -35,6 +45,7 @@ DOWNSTREAM = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlp", description="Data-efficient vision-language pre-training.")
+    _add_threads(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pre-train a method (YAML config; works under torchrun)")
@@ -112,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="PNG path (default: <method>_figure.png)")
     _add_set(c)
 
+    tk = sub.add_parser("tokenizer", help="fit a method's data-dependent tokenizer ahead of pre-training")
+    tksub = tk.add_subparsers(dest="tokenizer_kind", required=True)
+    ti = tksub.add_parser(
+        "image", help="fit the visual tokenizer (SIMLA's MIM targets: k-means codes of half-resolution patches) on "
+                      "the config's pre-training images and write it; name it in method.visual_tokenizer")
+    ti.add_argument("--config", required=True, help="pre-training config (YAML or shipped name, e.g. simla_tiny)")
+    ti.add_argument("--out", required=True, help="file to write (.safetensors)")
+    ti.add_argument("--images", type=int, default=None,
+                    help="distinct training images to fit on (default: the config's method.tokenizer_images)")
+    _add_set(ti)
+
     b = sub.add_parser("bench", help="measure step throughput, MFU, memory, or world rendering speed")
     bsub = b.add_subparsers(dest="bench_command", required=True)
     bt = bsub.add_parser("train", help="samples/s, peak memory and MFU of a pre-training step (one real world batch)")
@@ -186,6 +208,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     from vlp import api  # heavy imports (torch) only once the arguments are valid
     from vlp.viz import format_table
 
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 0:
+            raise ConfigError(f"--threads must be >= 0 (0 = auto), got {threads}")
+        if args.command == "report":  # not in the cells' recorded overrides: a resume may use another count
+            os.environ["VLP_THREADS"] = str(threads)
+        elif hasattr(args, "overrides"):
+            args.overrides = [*args.overrides, f"train.threads={threads}"]
+        else:  # world / data / bench world: no config; the count applies to the process
+            from vlp.train.cpu import apply_threads, choose_threads
+
+            apply_threads(choose_threads(threads, 0))
     if args.command == "pretrain":
         overrides = list(args.overrides)
         if args.method:
@@ -244,11 +278,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         out = api.show_method(args.method, args.out or f"{args.method}_figure.png", **options)
         print(f"wrote {out}")
         return 0
+    if args.command == "tokenizer":
+        if args.images is not None and args.images < 1:
+            raise ConfigError(f"--images must be >= 1, got {args.images}")
+        path, stats = api.fit_prepared_state(args.config, args.out, args.overrides, images=args.images)
+        print(format_table([{"metric": k, "value": v} for k, v in stats.items()], ["metric", "value"]))
+        print(f"wrote {path}; pre-train with it: --set method.visual_tokenizer={path}")
+        return 0
     if args.command == "bench":
         from vlp import bench
 
         if args.bench_command == "train":
             rows = bench.compare_train_steps(args.config or ["albef_tiny"], args.overrides, args.batch_size, args.steps)
+            cpu = bench.cpu_matmul_peaks()  # after the rows: at the thread count they ran with
+            print(f"cpu: bf16 matmul {cpu['bf16_matmul']}; 512x512 matmul at "
+                  f"{cpu['torch_threads']} threads: fp32 {cpu['fp32_matmul_GFLOPs']:.1f} GFLOP/s, "
+                  f"bf16 {cpu['bf16_matmul_GFLOPs']:.1f} GFLOP/s")
             if len(rows) > 1:  # one row per config, side by side
                 print(format_table(rows))
                 return 0

@@ -671,5 +671,36 @@ class RetrievalSet:
         )
 
 
+def distinct_images(dataset: Dataset, count: int) -> Tensor:
+    """The images (n, 3, H, W) of the first `count` distinct `image_id`s of a pair dataset, in row order
+    (n < count when the dataset has fewer images). For methods that fit data-dependent state before the
+    first step (`PretrainMethod.images_to_prepare`, e.g. SIMLA's visual tokenizer): a pure function of
+    the dataset, so every rank gets the same images.
+
+    Rows of one image are consecutive in vlp's image-major datasets; a `PairDataset` is read one row per
+    image (its `captions_per_image` stride), so no image is rendered twice.
+
+    Raises:
+        ValueError: the dataset's items carry no "image" (e.g. precomputed region features only).
+    """
+    stride = int(getattr(dataset, "captions_per_image", 1) or 1)
+    images: list[Tensor] = []
+    seen: set[int] = set()
+    for row in range(0, len(dataset), stride):
+        if len(images) >= count:
+            break
+        item = dataset[row]
+        if "image" not in item:
+            raise ValueError(f"{type(dataset).__name__} items carry no image (precomputed region features?): "
+                             f"this method needs pixels to fit on (data.source: world or karpathy)")
+        image_id = int(item.get("image_id", row))
+        if image_id not in seen:
+            seen.add(image_id)
+            images.append(item["image"])
+    if not images:
+        raise ValueError("the dataset is empty: no image to fit on")
+    return torch.stack(images)
+
+
 __all__ = ["CaptionEntry", "CaptionRowDataset", "CaptionRows", "ImageCaptionDataset", "PairDataset", "RecordPairDataset", "RetrievalSet",
-           "collate", "read_caption_file"]
+           "collate", "distinct_images", "read_caption_file"]

@@ -22,6 +22,7 @@ from vlp.methods.albef import Albef
 from vlp.methods.base import PretrainMethod
 from vlp.methods.clip import Clip
 from vlp.methods.cmal import Cmal
+from vlp.methods.simla import Simla
 from vlp.methods.uniter import Uniter
 
 METHODS: dict[str, type[PretrainMethod]] = {cls.name: cls for cls in (
@@ -29,6 +30,7 @@ METHODS: dict[str, type[PretrainMethod]] = {cls.name: cls for cls in (
     Cmal,
     Clip,
     Uniter,
+    Simla,
 )}
 
 for _method in METHODS.values():

@@ -39,7 +39,6 @@ from collections.abc import Iterable
 from typing import Any, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pydantic import Field
@@ -52,13 +51,14 @@ from vlp.models.losses import (
     itm_loss,
     mask_tokens,
     mlm_loss,
+    pad_length,
     rank,
     sample_hard_negatives,
     world_size,
 )
 from vlp.methods.base import PretrainMethod
 from vlp.models.model import VLModel
-from vlp.models.momentum import FeatureQueue, ema_update_, momentum_copy
+from vlp.models.momentum import FeatureQueue, ema_update_, itc_distillation, momentum_copy
 from vlp.models.rng import sample_uniforms
 from vlp.models.roi import box_regions
 from vlp.types import Batch, PairOutput
@@ -88,15 +88,6 @@ SALT_ITM = 0x49544D  # "ITM": hard-negative draws
 # state_dict names of the queue before it moved into `FeatureQueue` (v0.1 checkpoints) -> current names
 LEGACY_QUEUE_KEYS = {"image_queue": "queue.image", "text_queue": "queue.text", "queue_ids": "queue.ids",
                      "queue_ptr": "queue.ptr", "queue_count": "queue.count"}
-
-
-def _pad_length(x: Tensor, length: int) -> Tensor:
-    """Right-pad dim 1 of x (B, T, ...) with zeros to `length`."""
-    extra = length - x.shape[1]
-    if extra == 0:
-        return x
-    pad = [0, 0] * (x.dim() - 2) + [0, extra]
-    return F.pad(x, pad)
 
 
 class Albef(PretrainMethod):
@@ -263,24 +254,10 @@ class Albef(PretrainMethod):
                 image_tokens_m = self.model_m.encode_image(batch.images).tokens
                 image_emb_m = self.model_m.image_embed(image_tokens_m)
                 text_emb_m = self.model_m.text_embed(self.model_m.encode_text(ids, attn))
-                image_cols_m = all_gather_no_grad(image_emb_m)  # (G, E)
-                text_cols_m = all_gather_no_grad(text_emb_m)
-                if self.queue is not None:
-                    if self.training:  # enqueued after the optimizer step (`on_step_end`)
-                        # ids made up for this batch only must not match later batches: store -1 (never positive)
-                        queued_ids = ids_global if batch.image_ids is not None else torch.full_like(ids_global, -1)
-                        self.queue.stage({"image": image_cols_m, "text": text_cols_m}, queued_ids)
-                    banks, queue_ids = self.queue.filled()
-                    queue_i, queue_t = banks["image"], banks["text"]
-                    itc_kwargs.update(image_queue=queue_i, text_queue=queue_t, queue_ids=queue_ids)
-                    image_cols_m = torch.cat([image_cols_m, queue_i], dim=0)
-                    text_cols_m = torch.cat([text_cols_m, queue_t], dim=0)
-                t = temp.detach()
-                itc_kwargs.update(
-                    soft_i2t=torch.softmax((image_emb_m @ text_cols_m.t()).float() / t, dim=1),
-                    soft_t2i=torch.softmax((text_emb_m @ image_cols_m.t()).float() / t, dim=1),
-                    alpha=alpha,
-                )
+                # ids made up for this batch only must not match later batches: store -1 (never positive)
+                queued_ids = ids_global if batch.image_ids is not None else torch.full_like(ids_global, -1)
+                itc_kwargs = itc_distillation(image_emb_m, text_emb_m, temp, alpha, self.queue, queued_ids,
+                                              stage=self.training)  # enqueued after the optimizer step
 
         # ------------------------------------------------------------------------------------ ITC
         if weights.itc != 0:
@@ -337,8 +314,8 @@ class Albef(PretrainMethod):
         length = text_hidden.shape[1]
         if world_size() > 1:
             length = int(all_gather_no_grad(torch.tensor([length], device=attn.device)).max())
-        text_hidden = _pad_length(text_hidden, length)
-        attn = _pad_length(attn, length)
+        text_hidden = pad_length(text_hidden, length)
+        attn = pad_length(attn, length)
         image_tokens_all = all_gather_with_grad(image_tokens)
         text_hidden_all = all_gather_with_grad(text_hidden)
         attn_all = all_gather_no_grad(attn)

@@ -17,6 +17,13 @@ Training (`vlp.train.loop.Trainer`):
     training step may leave without a gradient; DDP's `find_unused_parameters` is on iff it is not empty.
   * `itm_steps(steps) -> int | None`: how many of the first `steps` optimizer steps train ITM (None: no
     ITM); pre-training writes it beside the retrieval metrics (`eval/itm_steps`).
+  * `images_to_prepare() -> int` and `prepare(images (n, 3, H, W)) -> dict[str, float]`: data-dependent
+    state fitted before the first step (SIMLA's visual tokenizer). The trainer calls `prepare` with the
+    first `images_to_prepare()` distinct training images (`vlp.data.datasets.distinct_images`, the same on
+    every rank) when a run starts at step 0 and the count is > 0; the state lives in the method's
+    `state_dict`, so a resume or a checkpoint load brings it back (and the count is then 0).
+    `prepared_state` names the submodule holding it, with `save(path, **metadata)`: `vlp tokenizer image`
+    fits it ahead of a run and writes it to a file the method's config can name.
 
 Downstream (`vlp.tasks`):
   * `encode_pair(images, input_ids, attention_mask, region_boxes=None, region_mask=None,
@@ -85,6 +92,7 @@ class PretrainMethod(nn.Module):
     demo_config: ClassVar[Optional[str]] = None
     in_demo_by_default: ClassVar[bool] = False
     rank_independent_parts: ClassVar[tuple[str, ...]] = ()
+    prepared_state: ClassVar[Optional[str]] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -130,6 +138,14 @@ class PretrainMethod(nn.Module):
         Reported next to every retrieval number (`eval/itm_steps`): ITM needs ~100-150 steps to leave its
         prior, so a ranking by ITM after few ITM steps says little (issue 11)."""
         return None
+
+    def images_to_prepare(self) -> int:
+        """Distinct training images `prepare` needs before the first step (0: nothing to prepare)."""
+        return 0
+
+    def prepare(self, images: Tensor) -> dict[str, float]:
+        """Fit data-dependent state on images (n, 3, H, W) before step 0; returns statistics to log."""
+        return {}
 
     # ------------------------------------------------------------------------------ downstream
     @property

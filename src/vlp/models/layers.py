@@ -64,6 +64,20 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, D)
         return self.proj_drop(self.proj(y))
 
+    def query_probs(self, x: Tensor, key_mask: Optional[Tensor] = None, query: int = 0) -> Tensor:
+        """Self-attention probabilities of one query position: x (B,T,D), key_mask (B,T) -> (B,H,T).
+
+        The row `softmax(q_query K^T / sqrt(hd))` the forward computes inside SDPA (no dropout), for
+        methods that read attention (SIMLA's pseudo-keywords read the [CLS] row of the last layer)."""
+        B, T, D = x.shape
+        hd = D // self.heads
+        q = self.q(x[:, query : query + 1]).view(B, 1, self.heads, hd).transpose(1, 2)  # (B,H,1,hd)
+        k = self.kv(x).view(B, T, 2, self.heads, hd)[:, :, 0].transpose(1, 2)  # (B,H,T,hd)
+        scores = (q @ k.transpose(-1, -2)).squeeze(2).float() / hd**0.5  # (B,H,T)
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask.bool()[:, None, :], float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
     def flops(self, n_q: int, n_kv: int) -> int:
         """Forward matmul FLOPs (2 per multiply-add) for n_q queries attending to n_kv keys."""
         proj = 2 * n_q * (2 * self.dim * self.dim) + 2 * n_kv * (2 * self.kv_dim * self.dim)
@@ -97,7 +111,8 @@ class Block(nn.Module):
 
     With `cross_dim` set the layer is an ALBEF fusion layer (BertLayer with `crossattention`):
     self-attention over the text, then cross-attention from text queries to `context` tokens of
-    width `cross_dim`, then the MLP.
+    width `cross_dim`, then the MLP. With `cross_optional` too, a call without `context` skips the
+    cross-attention sub-layer (SIMLA's shared encoder: BLIP `med.py` "text" mode, spec simla §1.1).
 
     `eps` defaults to the reference value for the layout: 1e-6 pre-LN (timm ViT), 1e-12 post-LN (BERT).
     """
@@ -111,12 +126,14 @@ class Block(nn.Module):
         norm: Norm = "pre",
         dropout: float = 0.0,
         eps: Optional[float] = None,
+        cross_optional: bool = False,
     ) -> None:
         super().__init__()
         if norm not in ("pre", "post"):
             raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
         eps = eps if eps is not None else (VIT_LN_EPS if norm == "pre" else BERT_LN_EPS)
         self.norm_type = norm
+        self.cross_optional = cross_optional
         self.attn = Attention(dim, heads, dropout=dropout)
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.cross: Optional[Attention] = None
@@ -135,21 +152,26 @@ class Block(nn.Module):
         context_mask: Optional[Tensor] = None,
     ) -> Tensor:
         """x (B,T,D); mask (B,T) key padding; context (B,S,cross_dim); context_mask (B,S) -> (B,T,D)."""
-        if self.cross is not None and context is None:
+        if self.cross is not None and context is None and not self.cross_optional:
             raise ValueError("this Block has cross-attention: pass `context` (B, S, cross_dim)")
+        cross = self.cross is not None and context is not None
         if self.norm_type == "pre":
             x = x + self.attn(self.norm1(x), key_mask=mask)
-            if self.cross is not None:
+            if cross:
                 x = x + self.cross(self.norm_cross(x), context, context_mask)
             return x + self.mlp(self.norm2(x))
         x = self.norm1(x + self.attn(x, key_mask=mask))
-        if self.cross is not None:
+        if cross:
             x = self.norm_cross(x + self.cross(x, context, context_mask))
         return self.norm2(x + self.mlp(x))
+
+    def self_attention_probs(self, x: Tensor, mask: Optional[Tensor] = None, query: int = 0) -> Tensor:
+        """The self-attention probabilities (B,H,T) of position `query` for this layer's input x (B,T,D)."""
+        return self.attn.query_probs(self.norm1(x) if self.norm_type == "pre" else x, mask, query)
 
     def flops(self, n: int, n_context: int = 0) -> int:
         """Forward matmul FLOPs for a sequence of n tokens (and n_context cross-attended tokens)."""
         total = self.attn.flops(n, n) + self.mlp.flops(n)
-        if self.cross is not None:
+        if self.cross is not None and n_context:
             total += self.cross.flops(n, n_context)
         return total

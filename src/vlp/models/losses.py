@@ -73,6 +73,14 @@ def all_gather_no_grad(x: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------- ITC
+def pad_length(x: Tensor, length: int) -> Tensor:
+    """Right-pad dim 1 of x (B, T, ...) with zeros to `length` (texts of several ranks gathered together)."""
+    extra = length - x.shape[1]
+    if extra == 0:
+        return x
+    return F.pad(x, [0, 0] * (x.dim() - 2) + [0, extra])
+
+
 def contrastive_targets(row_ids: Tensor, col_ids: Tensor) -> Tensor:
     """Multi-positive targets: row i's mass spread evenly over the columns with its image id.
 

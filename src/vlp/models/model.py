@@ -30,6 +30,9 @@ class VLModel(nn.Module):
 
     Submodules: `vision` (ViT), `text` (BERT-style encoder), `fusion`, `vision_proj` / `text_proj`
     (ITC), `itm_head`, `mlm_head` (decoder tied to `text.word_embeddings`), and the scalar `temp`.
+
+    With `model.text.cross_attention` the text encoder is a shared text/fusion encoder (SIMLA) and
+    `fusion` is empty (depth 0): fuse with `encode_multimodal` (from token ids), not `fuse`.
     """
 
     TEMP_MIN, TEMP_MAX = 0.001, 0.5  # ALBEF's clamp
@@ -43,8 +46,14 @@ class VLModel(nn.Module):
             )
         self.cfg = cfg
         self.vocab_size, self.pad_id = vocab_size, pad_id
+        if cfg.text.cross_attention and cfg.fusion.depth != 0:
+            raise ValueError(
+                f"model.text.cross_attention: true makes the text encoder the fusion encoder too (SIMLA's shared "
+                f"encoder), so model.fusion.depth must be 0, got {cfg.fusion.depth}: set model.fusion.depth=0"
+            )
         self.vision = VisionTransformer(cfg.vision)
-        self.text = TextEncoder(cfg.text, vocab_size, pad_id)
+        self.text = TextEncoder(cfg.text, vocab_size, pad_id,
+                                cross_dim=cfg.vision.width if cfg.text.cross_attention else None)
         self.fusion = FusionEncoder(cfg.fusion, cfg.text.width, cfg.vision.width)
         self.vision_proj = ITCProjection(cfg.vision.width, cfg.embed_dim)
         self.text_proj = ITCProjection(cfg.text.width, cfg.embed_dim)
@@ -88,11 +97,32 @@ class VLModel(nn.Module):
         """Clamp the temperature parameter itself into [0.001, 0.5] (call after `optimizer.step()`)."""
         self.temp.clamp_(self.TEMP_MIN, self.TEMP_MAX)
 
+    @property
+    def shared_encoder(self) -> bool:
+        """Whether the text encoder is also the fusion encoder (`model.text.cross_attention`, SIMLA)."""
+        return self.text.cross_dim is not None
+
     def fuse(
         self, text_hidden: Tensor, attention_mask: Tensor, image_tokens: Tensor, image_mask: Optional[Tensor] = None
     ) -> FusionOutput:
         """text_hidden (B,T,D), attention_mask (B,T), image_tokens (B,N,Dv), image_mask (B,N) or None = all valid."""
+        if self.shared_encoder:
+            raise ValueError("this model fuses in its shared text encoder (model.text.cross_attention: true): "
+                             "use encode_multimodal(input_ids, attention_mask, image_tokens)")
         return self.fusion(text_hidden, attention_mask, image_tokens, image_mask)
+
+    def encode_multimodal(
+        self, input_ids: Tensor, attention_mask: Tensor, image_tokens: Tensor, image_mask: Optional[Tensor] = None,
+        embeddings: Optional[Tensor] = None,
+    ) -> FusionOutput:
+        """Shared encoder, multimodal mode (SIMLA, spec §1.1): the text (input_ids (B,T), or its embedding-layer
+        output `embeddings` (B,T,D)) runs through every layer cross-attending to image_tokens (B,N,Dv)
+        -> FusionOutput(text (B,T,D), image None, cls (B,D))."""
+        if not self.shared_encoder:
+            raise ValueError("encode_multimodal needs a shared text encoder (model.text.cross_attention: true)")
+        x = self.text.embed(input_ids) if embeddings is None else embeddings
+        out = self.text.forward_from_embeddings(x, attention_mask, image_tokens, image_mask)
+        return FusionOutput(text=out, image=None, cls=out[:, 0])
 
     # --------------------------------------------------------------------------------- heads
     def itm_logits(self, cls: Tensor) -> Tensor:
@@ -105,6 +135,8 @@ class VLModel(nn.Module):
 
     def itm_score(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Matched-class ITM logit (B,) of each (image_tokens[i], text i) pair — for retrieval re-ranking."""
+        if self.shared_encoder:
+            return self.itm_logits(self.encode_multimodal(input_ids, attention_mask, image_tokens).cls)[:, 1]
         text = self.encode_text(input_ids, attention_mask)
         return self.itm_logits(self.fuse(text, attention_mask, image_tokens).cls)[:, 1]
 
@@ -125,7 +157,8 @@ class VLModel(nn.Module):
         n_img = self.vision.num_tokens
         D, Dv, E, V = self.cfg.text.width, self.cfg.vision.width, self.cfg.embed_dim, self.vocab_size
         heads = 2 * (Dv * E + D * E) + 2 * D * 2 + mlm_tokens * 2 * (D * D + D * V)
-        return self.vision.flops() + self.text.flops(text_len) + self.fusion.flops(text_len, n_img) + heads
+        fusion = self.text.flops(text_len, n_img) if self.shared_encoder else self.fusion.flops(text_len, n_img)
+        return self.vision.flops() + self.text.flops(text_len) + fusion + heads
 
     # ---------------------------------------------------------------------------- checkpoints
     def check_compatible(self, state_dict: Mapping[str, Tensor], strict: bool = False) -> None:
@@ -231,6 +264,8 @@ def _summary_from_state(state: Mapping[str, Tensor]) -> dict[str, Any]:
         out[f"{tower} depth"] = _depth(state, tower) or None
     if out["fusion depth"]:
         out["fusion type"] = "single" if "fusion.image_proj.weight" in state else "cross"
+    if "text.blocks.0.attn.q.weight" in state:
+        out["text cross-attention"] = "text.blocks.0.cross.q.weight" in state
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -247,8 +282,8 @@ def _summary_from_config(cfg: ModelConfig) -> dict[str, Any]:
         "text max_len": t.max_len,
         "text depth": t.depth,
         "text MLP width": int(t.width * t.mlp_ratio),
-        "fusion type": f.type,
-        "fusion depth": f.depth,
+        "text cross-attention": t.cross_attention,
+        **({"fusion type": f.type, "fusion depth": f.depth} if f.depth else {}),
         "ITC embed_dim": cfg.embed_dim,
     }
 

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import Any, Optional, TypeVar
 
 import torch
 from torch import Tensor, nn
+
+from vlp.models.losses import all_gather_no_grad
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -171,4 +173,49 @@ class FeatureQueue(nn.Module):
         return f"capacity={self.capacity}, banks={list(self.names)}"
 
 
-__all__ = ["FeatureQueue", "ema_update_", "momentum_copy"]
+@torch.no_grad()
+def itc_distillation(
+    image_emb_m: Tensor,
+    text_emb_m: Tensor,
+    temperature: Tensor | float,
+    alpha: float,
+    queue: Optional[FeatureQueue] = None,
+    queue_ids: Optional[Tensor] = None,
+    stage: bool = False,
+) -> dict[str, Any]:
+    """The momentum-distillation keyword arguments of `vlp.models.losses.contrastive_loss` (ALBEF eq. 6,
+    SIMLA §1.2 (a)): soft targets softmax(momentum similarity / temperature) over the columns ITC uses
+    (the global batch, then the queue), and the queue's columns.
+
+    Args:
+        image_emb_m, text_emb_m: (B, E) this rank's momentum embeddings (gathered here over ranks).
+        temperature: the ITC temperature (detached).
+        alpha: the weight of the soft targets.
+        queue: the `FeatureQueue` of past momentum features (banks "image" and "text"), or None.
+        queue_ids: (G,) image ids of the global batch to store with its rows (-1 = never a positive).
+        stage: stage this batch's momentum rows for the queue (training forwards; enqueued by `flush()`
+            after the optimizer step).
+
+    Returns:
+        {soft_i2t, soft_t2i: (B, G + n) float, alpha} and, with a queue, {image_queue, text_queue: (n, E),
+        queue_ids: (n,)} (n = the queue's filled rows before this batch).
+    """
+    image_cols = all_gather_no_grad(image_emb_m)  # (G, E)
+    text_cols = all_gather_no_grad(text_emb_m)
+    kwargs: dict[str, Any] = {}
+    if queue is not None:
+        if stage:
+            if queue_ids is None:
+                queue_ids = torch.full((image_cols.shape[0],), -1, dtype=torch.long, device=image_cols.device)
+            queue.stage({"image": image_cols, "text": text_cols}, queue_ids)
+        banks, ids = queue.filled()
+        kwargs.update(image_queue=banks["image"], text_queue=banks["text"], queue_ids=ids)
+        image_cols = torch.cat([image_cols, banks["image"]], dim=0)
+        text_cols = torch.cat([text_cols, banks["text"]], dim=0)
+    t = temperature.detach() if isinstance(temperature, Tensor) else temperature
+    kwargs.update(soft_i2t=torch.softmax((image_emb_m @ text_cols.t()).float() / t, dim=1),
+                  soft_t2i=torch.softmax((text_emb_m @ image_cols.t()).float() / t, dim=1), alpha=alpha)
+    return kwargs
+
+
+__all__ = ["FeatureQueue", "ema_update_", "itc_distillation", "momentum_copy"]

@@ -7,6 +7,12 @@ In ALBEF this is the "text encoder" half of BERT (the first 6 layers); the fusio
 `vlp.models.fusion`. CMAL swaps word and region vectors *before* positions/LN are added, so the
 embedding step is exposed on its own (`embed(word_embeds=...)`) as is the Transformer stack
 (`forward_from_embeddings`).
+
+With `cross_dim` (config `text.cross_attention: true`) every layer also has cross-attention to tokens of
+that width, used only when a `context` is passed: SIMLA's ONE shared encoder (spec simla_vlmixer.md §1.1,
+BLIP `med.py` with `add_cross_attention` in every layer), run in "text" mode (no context: the ITC text
+encoder), "multimodal" mode (text queries attend to the image) and with image tokens as the queries
+(`embed_features`, attending to the text).
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from vlp.models.layers import BERT_LN_EPS, VIT_LN_EPS, Block
 class TextEncoder(nn.Module):
     """Token ids (B, T) -> hidden states (B, T, D), D = cfg.width."""
 
-    def __init__(self, cfg: TextConfig, vocab_size: int, pad_id: int = 0) -> None:
+    def __init__(self, cfg: TextConfig, vocab_size: int, pad_id: int = 0, cross_dim: Optional[int] = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.cross_dim = cross_dim
         self.vocab_size, self.pad_id = vocab_size, pad_id
         D = cfg.width
         self.word_embeddings = nn.Embedding(vocab_size, D, padding_idx=pad_id)
@@ -34,7 +41,9 @@ class TextEncoder(nn.Module):
         self.embed_norm = nn.LayerNorm(D, eps=BERT_LN_EPS)
         self.embed_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(D, cfg.heads, cfg.mlp_ratio, norm=cfg.norm, dropout=cfg.dropout) for _ in range(cfg.depth)
+            Block(D, cfg.heads, cfg.mlp_ratio, cross_dim=cross_dim, norm=cfg.norm, dropout=cfg.dropout,
+                  cross_optional=True)
+            for _ in range(cfg.depth)
         )
         # A pre-LN stack leaves its residual stream un-normalised: close it with a LayerNorm (GPT-2).
         self.final_norm = nn.LayerNorm(D, eps=VIT_LN_EPS) if cfg.norm == "pre" else nn.Identity()
@@ -68,18 +77,52 @@ class TextEncoder(nn.Module):
             x = x + self.token_type_embeddings(token_type_ids)
         return self.embed_drop(self.embed_norm(x))
 
-    def forward_from_embeddings(self, x: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
-        """x (B,T,D) embeddings, attention_mask (B,T) 1 = real token -> hidden states (B,T,D)."""
+    def embed_features(self, features: Tensor, positions: bool = False) -> Tensor:
+        """Non-text tokens (B,N,D) entering the stack as queries (SIMLA's image-as-query pass, spec §1.2 (c)):
+        LayerNorm + dropout of the embedding layer; with `positions`, the text position embeddings 0..N-1
+        and token type 0 are added first, as BERT's embedding layer does to SIMLA's `inputs_embeds`
+        (quirk §1.6.3; the ViT tokens already carry positions of their own)."""
+        if positions:
+            return self.embed(word_embeds=features)
+        return self.embed_drop(self.embed_norm(features))
+
+    def _check_context(self, context: Optional[Tensor]) -> None:
+        if context is not None and self.cross_dim is None:
+            raise ValueError("this text encoder has no cross-attention (model.text.cross_attention: false): "
+                             "fuse with the fusion encoder instead")
+
+    def forward_from_embeddings(
+        self, x: Tensor, attention_mask: Optional[Tensor] = None, context: Optional[Tensor] = None,
+        context_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """x (B,T,D) embeddings, attention_mask (B,T) 1 = real token -> hidden states (B,T,D); with
+        `context` (B,S,cross_dim) and `context_mask` (B,S) every layer cross-attends to it."""
+        self._check_context(context)
         for block in self.blocks:
-            x = block(x, mask=attention_mask)
+            x = block(x, mask=attention_mask, context=context, context_mask=context_mask)
         return self.final_norm(x)
 
-    def forward(
-        self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, token_type_ids: Optional[Tensor] = None
+    def cls_attention(
+        self, x: Tensor, attention_mask: Optional[Tensor] = None, context: Optional[Tensor] = None,
+        context_mask: Optional[Tensor] = None,
     ) -> Tensor:
-        """input_ids (B,T), attention_mask (B,T) 1 = real token -> hidden states (B,T,D)."""
-        return self.forward_from_embeddings(self.embed(input_ids, token_type_ids), attention_mask)
+        """The last layer's self-attention probabilities of the [CLS] query, (B,H,T), for embeddings x
+        (B,T,D) (SIMLA's pseudo-keyword selection reads them, spec §1.2 (d)); runs every layer but the last."""
+        self._check_context(context)
+        for block in self.blocks[:-1]:
+            x = block(x, mask=attention_mask, context=context, context_mask=context_mask)
+        return self.blocks[-1].self_attention_probs(x, attention_mask, query=0)
 
-    def flops(self, text_len: int) -> int:
-        """Forward matmul FLOPs for one sequence of text_len tokens (embedding lookups are free)."""
-        return sum(block.flops(text_len) for block in self.blocks)
+    def forward(
+        self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, token_type_ids: Optional[Tensor] = None,
+        context: Optional[Tensor] = None, context_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """input_ids (B,T), attention_mask (B,T) 1 = real token -> hidden states (B,T,D) (cross-attending to
+        `context` (B,S,cross_dim) when given)."""
+        return self.forward_from_embeddings(self.embed(input_ids, token_type_ids), attention_mask, context,
+                                            context_mask)
+
+    def flops(self, text_len: int, context_len: int = 0) -> int:
+        """Forward matmul FLOPs for one sequence of text_len tokens (embedding lookups are free), cross-
+        attending to context_len tokens (0: text mode)."""
+        return sum(block.flops(text_len, context_len) for block in self.blocks)

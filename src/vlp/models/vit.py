@@ -6,6 +6,7 @@ Conv patchify -> prepend CLS -> add learned position embeddings -> pre-LN Blocks
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -52,8 +53,14 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.width, eps=VIT_LN_EPS)
 
-    def forward(self, images: Tensor) -> ImageOutput:
-        """images (B, 3, S, S) -> ImageOutput(tokens (B, 1+P, Dv), grid (B, Dv, S/p, S/p))."""
+    def forward(self, images: Tensor, patch_mask: Optional[Tensor] = None,
+                mask_token: Optional[Tensor] = None) -> ImageOutput:
+        """images (B, 3, S, S) -> ImageOutput(tokens (B, 1+P, Dv), grid (B, Dv, S/p, S/p)).
+
+        Masked image modelling (BEiT; SIMLA, spec simla_vlmixer.md §1.2 (c)): with `patch_mask` (B, P) bool
+        (True = masked, row-major) the embeddings of the masked patches are replaced by `mask_token`
+        (1, 1, Dv) before the position embeddings are added (`x * (1 - w) + mask_token * w`). The mask token
+        belongs to the method that masks (it is not a parameter of every ViT)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         H, W = images.shape[-2:]
@@ -65,6 +72,12 @@ class VisionTransformer(nn.Module):
                 f"resize the images or set data.image_size and model.vision.image_size to match"
             )
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, P, Dv)
+        if patch_mask is not None:
+            if mask_token is None or patch_mask.shape != x.shape[:2]:
+                raise ValueError(f"patch_mask must be (B, P) = {tuple(x.shape[:2])} and come with a mask_token, "
+                                 f"got {tuple(patch_mask.shape)}")
+            w = patch_mask.unsqueeze(-1).to(x.dtype)
+            x = x * (1 - w) + mask_token.to(x.dtype) * w
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         x = self.pos_drop(x)
         for block in self.blocks:

@@ -12,6 +12,8 @@ RNG states and the step, and the data position follows from the step.
 Outputs under `out_dir`:
   metrics.jsonl   one JSON record per `log_every` steps (window means, averaged over ranks) and per eval
   config.yaml     the resolved config
+  runtime.json    this attempt's CPU settings (`vlp.train.cpu.RuntimeInfo`: threads, capability, precision
+                  used); its `header` line is printed when the run starts
   tb/             TensorBoard scalars (when `train.tensorboard`)
   checkpoint/     see `vlp.train.checkpoint`
 """
@@ -39,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vlp.config import RunConfig, dump_config
+from vlp.data.datasets import distinct_images
 from vlp.train import launch
 from vlp.train.checkpoint import (
     METRICS_FILE,
@@ -48,6 +51,7 @@ from vlp.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from vlp.train.cpu import RuntimeInfo, configure_cpu
 from vlp.train.distributed import all_reduce_mean, is_distributed, rank, world_size
 from vlp.train.optim import build_optimizer, build_scheduler
 from vlp.train.precision import autocast_dtype
@@ -140,6 +144,9 @@ class Trainer:
             raise FileNotFoundError(f"tokenizer file not found: {self.tokenizer_json}")
         self.sampler = StepSampler(len(dataset), tc.batch_size, self.world_size, self.rank, tc.grad_accum, tc.seed)
         self.method = method.to(self.device)
+        # torch threads (train.threads, auto from the cores and data workers) and the precision the run
+        # uses (bf16 falls back to fp32 on a CPU without bf16 hardware; autocast_dtype warns)
+        self.runtime: RuntimeInfo = configure_cpu(tc, int(cfg.data.num_workers), self.device)
         self.amp_dtype = autocast_dtype(tc.precision, self.device, warn=True)
         self.optimizer = build_optimizer(self.method, tc)
         self.scheduler = build_scheduler(self.optimizer, tc)
@@ -197,6 +204,7 @@ class Trainer:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
+        (self.out_dir / "runtime.json").write_text(json.dumps(self.runtime.as_dict(), indent=2) + "\n")
         metrics = self._metrics_path()
         if checkpoint_dir is None:
             if (self.out_dir / "checkpoint").exists():
@@ -378,6 +386,22 @@ class Trainer:
         )
 
     # --------------------------------------------------------------------------------- fit
+    def _prepare_method(self) -> None:
+        """Let the method fit its data-dependent state before step 0 (`PretrainMethod.images_to_prepare` /
+        `prepare`, e.g. SIMLA's visual tokenizer) on the first distinct training images (the same on every
+        rank); its statistics go to the log and to `prepare.json` in the run directory."""
+        count = getattr(self.method, "images_to_prepare", lambda: 0)()
+        if count <= 0:
+            return
+        started = time.perf_counter()
+        images = distinct_images(self.dataset, count)
+        stats = {**self.method.prepare(images.to(self.device)), "images": float(images.shape[0]),
+                 "seconds": round(time.perf_counter() - started, 2)}
+        logger.info("prepared %s on %d images in %.1f s: %s", type(self.method).__name__, images.shape[0],
+                    stats["seconds"], stats)
+        if self.rank == 0:
+            (self.out_dir / "prepare.json").write_text(json.dumps(stats, indent=2))
+
     def fit(self, resume: str | Path | None = None) -> list[dict]:
         """Train to `cfg.train.steps`, optionally continuing the checkpoint at `resume` (a checkpoint
         or run directory). Returns the records logged by this call (train and eval)."""
@@ -394,6 +418,11 @@ class Trainer:
         if start >= tc.steps:
             logger.info("nothing to do: the checkpoint is at step %d of %d", start, tc.steps)
             return []
+        logger.info("%s", self.runtime.describe())
+        if tc.progress and self.rank == 0:  # the run's header line
+            print(f"[{self.out_dir.name}] {self.runtime.describe()}", file=sys.stderr, flush=True)
+        if start == 0:
+            self._prepare_method()
         self.method.train()
         # CPU: some backward kernels (index_put/index_add with repeated indices, e.g. gathering hard
         # negatives) accumulate in a thread-dependent order; their deterministic variants make a run

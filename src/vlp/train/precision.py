@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from vlp.train.cpu import resolve_precision
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -14,9 +16,14 @@ def autocast_dtype(precision: str, device: torch.device, warn: bool = False) -> 
     """The autocast dtype of `precision` on `device` (None = fp32, no autocast).
 
     fp16 needs CUDA: on CPU it falls back to bf16; bf16 on a GPU without bf16 support falls back to fp16
-    (with a GradScaler in training). `warn` says so once per call (the trainer warns; evaluation does not)."""
+    (with a GradScaler in training); bf16 / fp16 on a CPU without bf16 hardware falls back to fp32
+    (`vlp.train.cpu.resolve_precision`; VLP_FORCE_CPU_BF16=1 keeps it). `warn` says so once per call (the
+    trainer warns; evaluation does not)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{precision}' (known: {', '.join(PRECISIONS)})")
+    precision, note = resolve_precision(precision, device.type)
+    if note is not None and warn:
+        warnings.warn(note, stacklevel=3)
     dtype = PRECISIONS[precision]
     if dtype is torch.float16 and device.type != "cuda":
         if warn:
