@@ -9,11 +9,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from vlp.config import build_config
 from vlp.data.records import NLVR2Record
 from vlp.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
-from vlp.methods import build_method
-from vlp.models.model import VLModel
 from vlp.tasks.common import predictions, task_collate
 from vlp.tasks.nlvr2 import NLVR2Dataset, NLVR2Task, nlvr2_metrics
 from conftest import tiny_albef, fit_full_batch

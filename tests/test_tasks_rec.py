@@ -9,11 +9,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from vlp.config import build_config
 from vlp.data.records import RefRecord
 from vlp.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
-from vlp.methods import build_method
-from vlp.models.model import VLModel
 from vlp.tasks.common import predictions, task_collate
 from vlp.tasks.rec import RECDataset, RECTask, box_iou, rec_loss, rec_metrics, region_targets
 from vlp.types import PairOutput

@@ -8,6 +8,7 @@ model briefly on downstream tasks (`downstream_table`, shared with `benchmarks/d
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -109,6 +110,50 @@ def text_floor_row(tasks: Sequence[str], overrides: list[str] | None = None) -> 
         row[f"{task}_s"] = round(time.time() - begin)
     return row
 
+class DemoProgress:
+    """`vlp demo`'s phase lines on stderr: `[demo 3/11 · 2m10s · ETA 3m05s] fine-tuning albef on ve`.
+
+    The ETA sums the phases still to run, each estimated by the mean duration of the finished phases of its
+    kind (pre-training / fine-tuning; before any has finished: `PRETRAIN_GUESS_S` / `FINETUNE_GUESS_S`, the
+    tiny demo's measured figures on 2 cores), so it sharpens as the demo goes."""
+
+    PRETRAIN_GUESS_S = 150.0
+    FINETUNE_GUESS_S = 15.0
+
+    def __init__(self, pretrainings: int, finetunes: int, stream: Any = None) -> None:
+        self.remaining = {"pretrain": pretrainings, "finetune": finetunes}
+        self.finished: dict[str, list[float]] = {"pretrain": [], "finetune": []}
+        self.total = pretrainings + finetunes
+        self.index = 0
+        self.start = time.time()
+        self.phase_start = self.start
+        self.stream = stream
+
+    def estimate(self, kind: str) -> float:
+        done = self.finished[kind]
+        return sum(done) / len(done) if done else (self.PRETRAIN_GUESS_S if kind == "pretrain" else self.FINETUNE_GUESS_S)
+
+    def eta_seconds(self) -> float:
+        return sum(self.remaining[kind] * self.estimate(kind) for kind in self.remaining)
+
+    def begin(self, kind: str, what: str) -> str:
+        self.index += 1
+        self.phase_start = time.time()
+        line = (f"[demo {self.index}/{self.total} · {_clock(time.time() - self.start)} · "
+                f"ETA {_clock(self.eta_seconds())}] {what}")
+        print(line, file=self.stream if self.stream is not None else sys.stderr, flush=True)
+        return line
+
+    def end(self, kind: str) -> None:
+        self.finished[kind].append(time.time() - self.phase_start)
+        self.remaining[kind] = max(0, self.remaining[kind] - 1)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
 # Each method by its headline protocol (ITM over all pairs when it has it: the like-for-like column), with
 # the ITC ranking beside it for methods that have ITC.
 DEMO_COLUMNS = ["method", "pairs", "steps", "run_s", "ranking", "itm_steps", "t2i_R@1", "i2t_R@1", "r_mean", "hardneg",
@@ -135,19 +180,33 @@ def demo(out_dir: str | Path = "runs/demo", overrides: list[str] | None = None,
     for method in methods:  # before anything runs
         if method_class(method).demo_config is None:
             raise ValueError(f"method '{method}' has no demo config (its class sets demo_config = None)")
+    starts = [*[(m, out_dir / m) for m in methods], ("scratch", None)]
+    progress = DemoProgress(pretrainings=len(methods), finetunes=len(starts) * len(tasks))
     rows = []
     for method in methods:
         run_overrides = [f"train.out_dir={out_dir / method}", *(overrides or [])]
         cfg = load_config(method_class(method).demo_config, run_overrides)
+        progress.begin("pretrain", f"pre-training {method} ({cfg.train.steps} steps, {cfg.data.budget} pairs)")
         start = time.time()
         run_dir = pretrain(cfg)
         seconds = time.time() - start
+        progress.end("pretrain")
         metrics = json.loads((run_dir / "eval.json").read_text())
         rows.append(method_row(method, cfg, seconds, metrics))
     text = "Pre-training: retrieval on the test images\n\n" + format_table(rows, DEMO_COLUMNS)
     if tasks:
-        starts = [*[(m, out_dir / m) for m in methods], ("scratch", None)]
-        task_rows = downstream_table(starts, tasks, out_dir / "finetune", [*DEMO_FINETUNE, *(overrides or [])])
+        cells = iter([(name, task) for name, _ in starts for task in tasks])
+
+        def announce(done_rows: list[dict[str, Any]]) -> None:  # after each fine-tune: the next one begins
+            progress.end("finetune")
+            following = next(cells, None)
+            if following is not None:
+                progress.begin("finetune", f"fine-tuning {following[0]} on {following[1]}")
+
+        first = next(cells)
+        progress.begin("finetune", f"fine-tuning {first[0]} on {first[1]}")
+        task_rows = downstream_table(starts, tasks, out_dir / "finetune", [*DEMO_FINETUNE, *(overrides or [])],
+                                     on_row=announce)
         if any(task in TEXT_FLOOR_TASKS for task in tasks):  # what the task text alone explains
             task_rows.append(text_floor_row(tasks, [*DEMO_FINETUNE, *(overrides or [])]))
         steps = load_config(f"finetune_{tasks[0]}", [*DEMO_FINETUNE, *(overrides or [])]).train.steps
@@ -188,5 +247,5 @@ def method_row(method: str, cfg: RunConfig, seconds: float, m: dict[str, float])
     return row
 
 
-__all__ = ["DEMO_TASKS", "DOWNSTREAM_METRICS", "demo", "demo_methods", "downstream_table", "finetune_cell",
+__all__ = ["DEMO_TASKS", "DOWNSTREAM_METRICS", "DemoProgress", "demo", "demo_methods", "downstream_table", "finetune_cell",
            "method_row", "text_floor_row"]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vlp.data.formats.common import FormatData, Sink, folder, image_check, load_json, require_file
-from vlp.data.records import Box, RefRecord, check_box
+from vlp.data.records import Box, RefRecord
 
 _PICKLE_SUFFIXES = (".p", ".pkl", ".pickle")
 _GROUPS = ("testA", "testB")
