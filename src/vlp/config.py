@@ -158,8 +158,10 @@ def _legacy_method(section: dict) -> dict:
 class DataConfig(Section):
     # world = the embedded world; regions = captions + precomputed detector features (BUTD/UNITER npz,
     # no images); karpathy = captions JSON + image folder, no boxes (CMAL uses grid cells). See
-    # vlp.data.regions.open_pretrain_source.
-    source: Literal["world", "regions", "karpathy"] = "world"
+    # vlp.data.regions.open_pretrain_source. unpaired_files = unpaired VLP on user data (an image corpus as
+    # detector output in data.features + data.class_vocab, and data.sentences), vlp.data.unpaired; on the
+    # world, a method declaring "unpaired_text" in its inputs reads the unpaired_images / unpaired_text splits.
+    source: Literal["world", "regions", "karpathy", "unpaired_files"] = "world"
     world_seed: int = 0  # images are rendered at model.vision.image_size
     budget: Optional[int] = 4000  # paired-data budget: first N (image, caption) rows of train; None = all
     train_images: int = 20000  # size of the train split (images); budgets are prefixes of it
@@ -172,6 +174,7 @@ class DataConfig(Section):
     image_root: Optional[str] = None  # karpathy: folder the captions' "image" paths are relative to
     features: Optional[str] = None  # regions: one .npz of many images, or a folder of <image_id>.npz
     class_vocab: Optional[str] = None  # regions: BUTD objects_vocab.txt (line k = class k, "alias,alias")
+    sentences: Optional[str] = None  # unpaired_files: UTF-8 text corpus, one sentence per line (blank lines skipped)
     region_labels_faithful: bool = False  # true = reference argmax(p[:, 1:-1]) (cmal.md §12 quirk 1)
     adaptive_regions: bool = False  # UNITER adaptive N = clip(#{conf > conf_th}, min_bb, max_bb)
     region_conf_th: float = 0.2

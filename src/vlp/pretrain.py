@@ -16,8 +16,8 @@ import torch
 
 from vlp.build import build_tokenizer, build_world, method_class_of, retrieval_set, world_class_words
 from vlp.config import RunConfig, dump_config, load_config
-from vlp.data.datasets import PairDataset, collate, distinct_images
-from vlp.data.regions import open_pretrain_source
+from vlp.data.datasets import collate, distinct_images
+from vlp.data.unpaired import pretrain_source, world_pretrain_dataset
 from vlp.evaluate import evaluate_method, has_itc, write_retrieval_figure
 from vlp.methods import METHODS, build_method
 from vlp.models.model import VLModel
@@ -38,10 +38,10 @@ def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None,
     out_dir = Path(cfg.train.out_dir)
     with launch.distributed_session(cfg.train.device):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        # User data (data.source: regions | karpathy, vlp.data.regions) brings its own tokenizer, dataset,
-        # collate function and class words; the embedded world is built for data.source: world only.
-        source = (open_pretrain_source(cfg, method_cls.region_feature_dim(cfg)) if cfg.data.source != "world"
-                  else None)
+        # User data (data.source: regions | karpathy, vlp.data.regions; unpaired_files, vlp.data.unpaired)
+        # brings its own tokenizer, dataset, collate function and class words; the embedded world is built
+        # for data.source: world only (unpaired streams for a method with "unpaired_text" in its inputs).
+        source = pretrain_source(cfg, method_cls)
         world = build_world(cfg) if source is None else None
         tokenizer = build_tokenizer(cfg, world) if source is None else source.tokenizer
         if rank == 0:
@@ -54,10 +54,7 @@ def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None,
         method = build_method(cfg, model, tokenizer,
                               class_words=world_class_words() if source is None else source.class_words)
         if source is None:
-            dataset = PairDataset(
-                world.split("train"), tokenizer, cfg.data.max_text_len, cfg.data.budget, max_words=cfg.data.max_text_len
-            )
-            collate_fn = collate
+            dataset, collate_fn = world_pretrain_dataset(cfg, world, tokenizer, method_cls), collate
         else:
             dataset, collate_fn = source.dataset, source.collate_fn
         # Same on every rank: the Trainer calls eval_fn on rank 0 only, but every rank must take part in
@@ -99,7 +96,7 @@ def fit_prepared_state(config: str | Path | RunConfig, out: str | Path, override
         have = [name for name, cls in METHODS.items() if cls.prepared_state is not None]
         raise ValueError(f"method '{cfg.method.name}' fits nothing before training (methods that do: "
                          f"{', '.join(have) or 'none'})")
-    source = open_pretrain_source(cfg, method_cls.region_feature_dim(cfg)) if cfg.data.source != "world" else None
+    source = pretrain_source(cfg, method_cls)
     world = build_world(cfg) if source is None else None
     tokenizer = build_tokenizer(cfg, world) if source is None else source.tokenizer
     model = VLModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
@@ -109,8 +106,7 @@ def fit_prepared_state(config: str | Path | RunConfig, out: str | Path, override
     if count <= 0:
         raise ValueError(f"{method_cls.__name__} has nothing to fit with this config (a fitted file is named "
                          f"already, or the objective that needs it has weight 0); pass --images N to fit anyway")
-    dataset = (PairDataset(world.split("train"), tokenizer, cfg.data.max_text_len, cfg.data.budget,
-                           max_words=cfg.data.max_text_len) if source is None else source.dataset)
+    dataset = world_pretrain_dataset(cfg, world, tokenizer, method_cls) if source is None else source.dataset
     pixels = distinct_images(dataset, count)
     stats = method.prepare(pixels)
     path = getattr(method, method_cls.prepared_state).save(out, images=int(pixels.shape[0]), **stats)

@@ -199,6 +199,13 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def method_budgets(method: str, budgets: Sequence[int]) -> list[int]:
+    """The paired budgets a method is pre-trained at: the grid's, or only 0 for a method that reads no pairs
+    (`PretrainMethod.reads_pairs`, e.g. VLMixer on the world's unpaired streams): its one pre-training per
+    seed is compared with every budget of the others."""
+    return list(budgets) if method_class(method).reads_pairs() else [0]
+
+
 def plan_cells(out_dir: Path, methods: Sequence[str], budgets: Sequence[int], seeds: Sequence[int],
                tasks: Sequence[str], steps: int, batch_size: int, finetune_steps: Optional[int],
                overrides: Sequence[str], finetune_overrides: Sequence[str]) -> list[Cell]:
@@ -211,14 +218,15 @@ def plan_cells(out_dir: Path, methods: Sequence[str], budgets: Sequence[int], se
     configs: dict[tuple[str, int, int], tuple[RunConfig, list[str]]] = {}
     world_seeds = set()
     for method in methods:
-        for budget in budgets:
+        for budget in method_budgets(method, budgets):
             for seed in seeds:
-                cell_overrides = [f"data.budget={budget}", f"train.seed={seed}", *pre_base, *overrides]
+                pairs = [f"data.budget={budget}"] if budget else []  # 0: an unpaired method reads no pairs
+                cell_overrides = [*pairs, f"train.seed={seed}", *pre_base, *overrides]
                 cfg = load_config(method_class(method).demo_config, cell_overrides)
                 if budget > cfg.data.train_images * NUM_CAPTIONS:  # budgets are prefixes: render enough images
                     cell_overrides.append(f"data.train_images={math.ceil(budget / NUM_CAPTIONS)}")
                     cfg = load_config(method_class(method).demo_config, cell_overrides)
-                if cfg.data.budget != budget or cfg.train.seed != seed:
+                if (budget and cfg.data.budget != budget) or cfg.train.seed != seed:
                     raise ValueError(f"--set data.budget / train.seed conflict with the grid ({method}: budget "
                                      f"{cfg.data.budget}, seed {cfg.train.seed}); set them with --budgets / --seeds")
                 if cfg.data.source != "world":
@@ -254,8 +262,10 @@ def plan_cells(out_dir: Path, methods: Sequence[str], budgets: Sequence[int], se
             cells.append(Cell("finetune", SCRATCH, 0, seed, task, ft_overrides(seed),
                               out_dir / "finetune" / f"{SCRATCH}_s{seed}" / task, ft_cost[task][0],
                               finetune_steps=ft_cost[task][1]))
-        for budget in budgets:
+        for budget in sorted({0, *budgets}):
             for method in methods:
+                if budget not in method_budgets(method, budgets):
+                    continue
                 cfg, cell_overrides = configs[(method, budget, seed)]
                 run_dir = out_dir / "pretrain" / method / f"b{budget}_s{seed}"
                 estimate = (cfg.train.steps * PRETRAIN_S_PER_STEP * cfg.train.batch_size / PRETRAIN_BATCH
@@ -377,12 +387,16 @@ def summary_tables(rows: Sequence[dict[str, Any]], methods: Sequence[str], budge
         target = stats.get((task, baseline, top))
         table = []
         for method in methods:
-            row: dict[str, Any] = {"method": method, "0": None}
+            row: dict[str, Any] = {"method": method, "0": _fmt_stat(stats.get((task, method, 0)))}
             for budget in budgets:
                 row[str(budget)] = _fmt_stat(stats.get((task, method, budget)))
             means = [stats[(task, method, b)].mean if (task, method, b) in stats else None for b in budgets]
-            row[pairs_column] = (_fmt_pairs(pairs_needed(budgets, means, target.mean)) if target is not None
-                                 and any(m is not None for m in means) else None)
+            unpaired = stats.get((task, method, 0))
+            if unpaired is not None and target is not None:  # 0 pairs: it reaches the target or it does not
+                row[pairs_column] = "0" if unpaired.mean >= target.mean else "not reached"
+            else:
+                row[pairs_column] = (_fmt_pairs(pairs_needed(budgets, means, target.mean)) if target is not None
+                                     and any(m is not None for m in means) else None)
             if task == "retrieval":
                 found = [r for r in rows if r["task"] == task and r["method"] == method]
                 metrics = sorted({str(r["metric"]) for r in found})
@@ -449,6 +463,11 @@ def plot_task(out: Path, task: str, rows: Sequence[dict[str, Any]], methods: Seq
         if points:
             ax.errorbar([b for b, _ in points], [s.mean for _, s in points], yerr=[s.std or 0.0 for _, s in points],
                         marker="o", capsize=3, label=method)
+    for method in methods:  # a method without pairs (0 pairs): a dotted level across the budgets
+        stat = stats.get((task, method, 0))
+        if stat is not None:
+            ax.axhline(stat.mean, linestyle=":", color="tab:purple", linewidth=1.6,
+                       label=f"{method} (0 pairs) {stat.mean:.1f}")
     for floor, colour in ((SCRATCH, "0.35"), (TEXT_ONLY, "tab:red")):
         stat = stats.get((task, floor, 0))
         if stat is not None:

@@ -24,6 +24,7 @@ from vlp.methods.clip import Clip
 from vlp.methods.cmal import Cmal
 from vlp.methods.simla import Simla
 from vlp.methods.uniter import Uniter
+from vlp.methods.vlmixer import VLMixer
 
 METHODS: dict[str, type[PretrainMethod]] = {cls.name: cls for cls in (
     Albef,
@@ -31,6 +32,7 @@ METHODS: dict[str, type[PretrainMethod]] = {cls.name: cls for cls in (
     Clip,
     Uniter,
     Simla,
+    VLMixer,
 )}
 
 for _method in METHODS.values():

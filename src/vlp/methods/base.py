@@ -139,6 +139,12 @@ class PretrainMethod(nn.Module):
         prior, so a ranking by ITM after few ITM steps says little (issue 11)."""
         return None
 
+    @classmethod
+    def reads_pairs(cls) -> bool:
+        """Whether pre-training reads image-text pairs: False for a method trained on unpaired streams (its
+        `inputs` hold "unpaired_text"), whose pre-training therefore has no paired budget (0 pairs)."""
+        return "unpaired_text" not in cls.inputs
+
     def images_to_prepare(self) -> int:
         """Distinct training images `prepare` needs before the first step (0: nothing to prepare)."""
         return 0

@@ -38,7 +38,7 @@ from torch import Tensor
 from vlp.config import RunConfig, Section
 from vlp.methods.base import PretrainMethod
 from vlp.models.anchors import sample_uniform_index
-from vlp.models.losses import IGNORE_INDEX, mask_tokens, mlm_loss
+from vlp.models.losses import IGNORE_INDEX, mask_tokens_at_least_one, mlm_loss
 from vlp.models.model import VLModel
 from vlp.models.regions import RegionInputs
 from vlp.models.single_stream import RegionClassifier, RegionSingleStream, RegionStreamConfig
@@ -138,13 +138,9 @@ class Uniter(RegionSingleStream, PretrainMethod):
         """MLM conditioned on the intact regions -> (loss, accuracy at the masked tokens)."""
         ids, attn = batch.input_ids, batch.attention_mask
         eligible = attn.bool() & ~torch.isin(ids, self.special_ids)
-        masked_ids, labels = mask_tokens(ids, eligible, self.special_ids, self.mask_id, self.vocab_size,
-                                         self.cfg.mlm_prob, uniforms=self._uniforms(batch, (ids.shape[1], 3), SALT_TEXT))
-        first = eligible.long().argmax(dim=1)  # a sample without a target masks its first real token
-        need = ~(labels != IGNORE_INDEX).any(dim=1) & eligible.any(dim=1)
-        force = need[:, None] & (torch.arange(ids.shape[1], device=ids.device)[None, :] == first[:, None])
-        masked_ids = torch.where(force, torch.full_like(ids, self.mask_id), masked_ids)
-        labels = torch.where(force, ids, labels)
+        masked_ids, labels = mask_tokens_at_least_one(  # a sample without a target masks its first real token
+            ids, eligible, self.special_ids, self.mask_id, self.vocab_size, self.cfg.mlm_prob,
+            self._uniforms(batch, (ids.shape[1], 3), SALT_TEXT))
         txt_h, _ = self.encode_joint_pair(self.word_vectors(masked_ids, attn), self.region_vectors(regions),
                                           regions.boxes, attn, regions.mask)
         selected = labels != IGNORE_INDEX

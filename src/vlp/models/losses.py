@@ -351,6 +351,28 @@ def mask_tokens(
     return masked_ids, labels
 
 
+def mask_tokens_at_least_one(
+    input_ids: Tensor,
+    eligible: Tensor,
+    special_ids: Iterable[int] | Tensor,
+    mask_id: int,
+    vocab_size: int,
+    prob: float,
+    uniforms: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """`mask_tokens` over the `eligible` (B, T) positions, plus UNITER's rule "if nothing is selected, a token
+    is masked": a row with an eligible position but no draw gets its first eligible position replaced by
+    [MASK] and labelled. uniforms: (B, T, 3) as `mask_tokens`. Returns (masked_ids, labels) (B, T)."""
+    masked_ids, labels = mask_tokens(input_ids, eligible, special_ids, mask_id, vocab_size, prob, uniforms=uniforms)
+    eligible = eligible.bool()
+    first = eligible.long().argmax(dim=1)
+    need = ~(labels != IGNORE_INDEX).any(dim=1) & eligible.any(dim=1)
+    force = need[:, None] & (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] == first[:, None])
+    masked_ids = torch.where(force, torch.full_like(input_ids, mask_id), masked_ids)
+    labels = torch.where(force, input_ids, labels)
+    return masked_ids, labels
+
+
 def mlm_loss(
     logits: Tensor,
     labels: Tensor,

@@ -1,0 +1,183 @@
+"""VLMixer (`vlp.methods.vlmixer`): the hand-computable checks of simla_vlmixer.md §4 (VLMixer part) —
+concept matching, cross-modal CutMix (identity at ratio 0, every match at ratio 1, label-consistent and
+uniform patch draws, specials never replaced), MLM targets only on remaining text, the view contrast's
+values and symmetry, and that the visual projection learns only through CMC — plus the image-only tags and a
+short run whose losses go down. The method-contract tests run on VLMixer by registration; the unpaired
+streams are tested in test_unpaired."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from test_method_contract import batch_of, build, contract_config
+from vlp.build import world_class_words
+from vlp.config import build_config
+from vlp.data.datasets import PairDataset, collate
+from vlp.methods import build_method
+from vlp.methods.vlmixer import cross_modal_cutmix, grounded_concepts, view_contrastive_loss
+from vlp.models.anchors import build_lexicon
+from vlp.models.losses import IGNORE_INDEX, mask_tokens_at_least_one
+from vlp.models.model import VLModel
+from vlp.train.loop import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _token(tok, token_id: int) -> str:
+    return {v: k for k, v in tok.get_vocab().items()}[token_id]
+
+
+def _class_of(word: str) -> int:
+    return next(k for k, words in enumerate(world_class_words()) if word in words)
+
+
+def test_grounded_concepts_match_plurals_and_synonyms_and_never_specials(tok):
+    """§4.1: "two stars and a ball" grounds "stars" (plural) as star and "ball" (a synonym) as circle;
+    [CLS], [SEP] and padding are never grounded."""
+    table = build_lexicon(world_class_words(), tok)
+    ids, mask = tok.encode(["two stars and a ball"], 12)
+    concepts = grounded_concepts(ids, mask, table)[0]
+    words = [_token(tok, int(i)) for i in ids[0]]
+    named = {words[t]: int(c) for t, c in enumerate(concepts) if c >= 0}
+    assert named == {"stars": _class_of("star"), "ball": _class_of("ball")}
+    assert concepts[0] == -1 and (concepts[~mask[0].bool()] == -1).all()
+
+
+def _gallery(labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(labels), torch.ones(len(labels), dtype=torch.bool)
+
+
+def test_cutmix_ratio_zero_is_the_identity_and_ratio_one_replaces_every_match():
+    concepts = torch.tensor([[-1, 2, -1, 0, 5, -1]])  # [CLS] w(c2) w w(c0) w(c5: no patch) [SEP]
+    labels, real = _gallery([3, 1, 3, 0])  # patches of concepts 2, 0, 2 (label = concept + 1) and a background
+    u = torch.rand(1, 6, 2, generator=torch.Generator().manual_seed(0))
+    replaced, patch = cross_modal_cutmix(concepts, labels, real, u, ratio=0.0)
+    assert not replaced.any() and (patch == -1).all()
+    replaced, patch = cross_modal_cutmix(concepts, labels, real, u, ratio=1.0)
+    assert replaced[0].tolist() == [False, True, False, True, False, False]  # concept 5 has no patch: stays a word
+    assert labels[patch[replaced]].tolist() == [3, 1]  # each patch names the word's concept
+    padded = real.clone()
+    padded[1] = False  # the only concept-0 patch is padding: never drawn
+    replaced, _ = cross_modal_cutmix(concepts, labels, padded, u, ratio=1.0)
+    assert replaced[0].tolist() == [False, True, False, False, False, False]
+
+
+def test_cutmix_draws_patches_of_the_concept_uniformly():
+    """§4.3: over many draws the patch's label is the word's and the 3 candidate patches are equally likely
+    (chi-square, 2 degrees of freedom, p > 0.01 <=> statistic < 9.21)."""
+    draws = 3000
+    concepts = torch.full((draws, 1), 4)
+    labels, real = _gallery([5, 2, 5, 7, 5, 1])  # concept 4 = label 5 at gallery slots 0, 2, 4
+    u = torch.rand(draws, 1, 2, generator=torch.Generator().manual_seed(1))
+    replaced, patch = cross_modal_cutmix(concepts, labels, real, u, ratio=1.0)
+    assert replaced.all() and (labels[patch] == 5).all()
+    counts = torch.bincount(patch.flatten(), minlength=6)[[0, 2, 4]].float()
+    expected = draws / 3
+    assert float(((counts - expected) ** 2 / expected).sum()) < 9.21
+
+
+def test_cutmix_rate_follows_the_ratio_within_binomial_bounds():
+    n = 4000
+    concepts = torch.zeros(1, n, dtype=torch.long)
+    labels, real = _gallery([1])
+    replaced, _ = cross_modal_cutmix(concepts, labels, real, torch.rand(1, n, 2, generator=torch.Generator().manual_seed(2)),
+                                     ratio=0.3)
+    sd = math.sqrt(n * 0.3 * 0.7)
+    assert abs(int(replaced.sum()) - 0.3 * n) < 4 * sd
+
+
+def test_view_contrastive_loss_values_and_symmetry():
+    """§4.5: q = k = I, tau = 1 -> log(1 + e^-1) = 0.3133; k's rows swapped at tau 0.01 -> ~100; symmetric."""
+    eye = torch.eye(2)
+    assert float(view_contrastive_loss(eye, eye, 1.0)) == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-4)
+    assert float(view_contrastive_loss(eye, eye.flip(0), 0.01)) == pytest.approx(100.0, abs=0.01)
+    q = torch.nn.functional.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(3)), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(4)), dim=1)
+    assert float(view_contrastive_loss(q, k, 0.1)) == pytest.approx(float(view_contrastive_loss(k, q, 0.1)), abs=1e-6)
+
+
+def _method(tok, *overrides: str):
+    cfg = build_config(contract_config("vlmixer").model_dump(mode="json"), list(overrides))
+    torch.manual_seed(0)
+    return build_method(cfg, VLModel(cfg.model, tok.vocab_size, tok.pad_id), tok, world_class_words())
+
+
+def test_mlm_targets_only_remaining_text_and_replaced_slots_carry_patches(world, tok, monkeypatch):
+    """§4.4: with every token masked (p = 1) the MLM labels are -100 at every replaced slot (and at
+    specials); the replaced slots hold the patch vectors, not [MASK]."""
+    method = _method(tok, "method.cmc_ratio=1.0", "method.mlm_prob=1.0").train()
+    batch = batch_of(world, tok, rows=8)
+    seen = {}
+    original = method.encode_text_slots
+
+    def spy(slots, attn, visual=None):
+        seen.setdefault("calls", []).append((slots, visual))
+        return original(slots, attn, visual)
+
+    monkeypatch.setattr(method, "encode_text_slots", spy)
+    masker = mask_tokens_at_least_one
+    captured = {}
+
+    def capture(ids, eligible, *args, **kwargs):
+        out = masker(ids, eligible, *args, **kwargs)
+        captured.setdefault("eligible", []).append(eligible)
+        captured.setdefault("labels", []).append(out[1])
+        return out
+
+    monkeypatch.setattr("vlp.methods.vlmixer.mask_tokens_at_least_one", capture)
+    out = method(batch)
+    regions = method.regions(batch)
+    _, replaced = method.mixed_view(batch, regions)
+    assert replaced.any(), "the batch's captions should name objects in its images"
+    labels = captured["labels"][0]  # the mixed-view MLM call comes first
+    assert (labels[replaced] == IGNORE_INDEX).all()
+    assert (labels[~replaced & batch.attention_mask.bool()] != IGNORE_INDEX).sum() > 0
+    mlm_slots, visual = seen["calls"][-1]
+    assert torch.equal(visual, replaced)
+    mixed, _ = method.mixed_view(batch, regions)
+    assert torch.allclose(mlm_slots[replaced], mixed[replaced])
+    assert float(out["cmc_tokens"]) == pytest.approx(float(replaced.sum(1).float().mean()))
+
+
+def test_visual_projection_learns_through_cmc_only(world, tok):
+    """§4.6: without the image-only objective, ratio 0 leaves the region projection W_f without gradient;
+    ratio > 0 gives it one (the patches enter the mixed view)."""
+    batch = batch_of(world, tok, rows=8)
+    for ratio, expect in ((0.0, False), (1.0, True)):
+        method = _method(tok, f"method.cmc_ratio={ratio}", "method.image_objective=none").train()
+        method(batch)["loss"].backward()
+        grad = method.region_embed.feat_proj.weight.grad
+        assert (grad is not None and grad.abs().sum() > 0) == expect, ratio
+
+
+def test_image_stream_tags_are_the_concept_words_of_the_regions(world, tok):
+    """The image-only pass reads [CLS] tags [SEP]: tag i is the word of region i's concept (sorted first whole
+    word of the class's synonyms), padding where a region has no concept."""
+    method = _method(tok)
+    batch = batch_of(world, tok, rows=4)
+    regions = method.regions(batch)
+    words = world_class_words()
+    for label in regions.labels[regions.mask.bool()].unique().tolist():
+        if label == 0:
+            continue
+        expected = sorted(w for w in words[label - 1] if tok.is_whole_word(w))[0]
+        assert _token(tok, int(method.tag_tokens[label])) == expected
+    assert int(method.tag_tokens[0]) == tok.pad_id
+
+
+@pytest.mark.slow
+def test_losses_go_down_on_unpaired_batches(world, tok, tmp_path):
+    """40 steps on the contract-size model: MLM on the mixed view, the view contrast and the image-only
+    objectives fall (means of the first and last 5 steps)."""
+    cfg, method = build("vlmixer", tok, steps=40, lr=2e-3, warmup_steps=5)
+    data = PairDataset(world.split("train"), tok, 40, max_words=40)
+    tok.save(tmp_path / "tok.json")
+    records = Trainer(cfg, method, data, collate, tmp_path, tokenizer_json=tmp_path / "tok.json").fit()
+    train = [r for r in records if "cmcl" in r]
+    for part in ("mlm", "cmcl", "tag", "mrc"):
+        first = sum(r[part] for r in train[:5]) / 5
+        last = sum(r[part] for r in train[-5:]) / 5
+        assert last < first, (part, first, last)
