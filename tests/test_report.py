@@ -71,6 +71,28 @@ def test_default_baseline_is_the_contrastive_method():
     assert default_baseline(["cmal", "albef"]) == "cmal"  # none: the first method
 
 
+def test_unpaired_methods_and_variants_plan_once_per_seed_at_zero_pairs(tmp_path):
+    """A method that reads no pairs (VLMixer) is pre-trained once per seed at budget 0, whatever the budgets; a
+    variant NAME:key=value is its own row with those overrides on its pre-training; paired methods keep the grid."""
+    cells = report.plan_cells(tmp_path, ["albef", "vlmixer", "vlmixer:method.cmc_ratio=0"], [100, 200], [0, 1],
+                              ["retrieval", "ve"], steps=4, batch_size=8, finetune_steps=2, overrides=[],
+                              finetune_overrides=[])
+    pre = [(c.method, c.budget, c.seed) for c in cells if c.kind == "pretrain"]
+    assert sorted(p for p in pre if p[0] == "albef") == sorted(("albef", b, s) for b in (100, 200) for s in (0, 1))
+    assert sorted(p for p in pre if p[0].startswith("vlmixer")) == sorted(
+        (m, 0, s) for m in ("vlmixer", "vlmixer:method.cmc_ratio=0") for s in (0, 1))
+    variant = next(c for c in cells if c.kind == "pretrain" and c.method.endswith("=0"))
+    assert "method.cmc_ratio=0" in variant.overrides and not any(o.startswith("data.budget") for o in variant.overrides)
+    assert ":" not in variant.run_dir.name and ":" not in str(variant.run_dir.relative_to(tmp_path))
+    rows = [{"task": "ve", "method": m, "budget": b, "seed": 0, "value": v} for m, b, v in
+            [("albef", 100, 40.0), ("albef", 200, 50.0), ("vlmixer", 0, 52.0), ("vlmixer:method.cmc_ratio=0", 0, 45.0)]]
+    table = report.summary_tables(rows, ["albef", "vlmixer", "vlmixer:method.cmc_ratio=0"], [100, 200], ["ve"],
+                                  "albef")["ve"]
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
+    assert lines["vlmixer"][0] == "52.0" and lines["vlmixer"][-1] == "0"  # reaches albef@200 with 0 pairs
+    assert lines["vlmixer:method.cmc_ratio=0"][-1] == "not reached"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--methods", "albef", "nope"], "unknown method.*nope.*--methods"),
     (["--tasks", "ve", "captioning"], "unknown task.*captioning.*--tasks"),

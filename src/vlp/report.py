@@ -53,6 +53,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -145,10 +146,26 @@ def pairs_needed(budgets: Sequence[int], means: Sequence[Optional[float]], targe
     return None
 
 
+def spec_class(spec: str) -> type:
+    """The method class of a `--methods` entry: NAME, or a variant NAME:key=value,... (e.g. an ablation,
+    `vlmixer:method.cmc_ratio=0`): the method NAME with those `--set` overrides on its pre-training."""
+    return method_class(spec.partition(":")[0])
+
+
+def spec_overrides(spec: str) -> list[str]:
+    """The pre-training overrides of a `--methods` entry (after the ':'), [] for a bare NAME."""
+    return [o for o in spec.partition(":")[2].split(",") if o]
+
+
+def spec_dir(spec: str) -> str:
+    """A file-system name for a `--methods` entry (':' '=' ',' '/' -> '_')."""
+    return re.sub(r"[:=,/]", "_", spec)
+
+
 def default_baseline(methods: Sequence[str]) -> str:
     """The contrastive method of `methods`: the first whose class ranks by ITC alone (a dual encoder, the
     CLIP-style baseline), else the first method."""
-    return next((m for m in methods if method_class(m).retrieval_protocols == ("itc",)), methods[0])
+    return next((m for m in methods if spec_class(m).retrieval_protocols == ("itc",)), methods[0])
 
 
 def default_methods() -> tuple[str, ...]:
@@ -203,7 +220,7 @@ def method_budgets(method: str, budgets: Sequence[int]) -> list[int]:
     """The paired budgets a method is pre-trained at: the grid's, or only 0 for a method that reads no pairs
     (`PretrainMethod.reads_pairs`, e.g. VLMixer on the world's unpaired streams): its one pre-training per
     seed is compared with every budget of the others."""
-    return list(budgets) if method_class(method).reads_pairs() else [0]
+    return list(budgets) if spec_class(method).reads_pairs() else [0]
 
 
 def plan_cells(out_dir: Path, methods: Sequence[str], budgets: Sequence[int], seeds: Sequence[int],
@@ -221,11 +238,11 @@ def plan_cells(out_dir: Path, methods: Sequence[str], budgets: Sequence[int], se
         for budget in method_budgets(method, budgets):
             for seed in seeds:
                 pairs = [f"data.budget={budget}"] if budget else []  # 0: an unpaired method reads no pairs
-                cell_overrides = [*pairs, f"train.seed={seed}", *pre_base, *overrides]
-                cfg = load_config(method_class(method).demo_config, cell_overrides)
+                cell_overrides = [*pairs, f"train.seed={seed}", *pre_base, *overrides, *spec_overrides(method)]
+                cfg = load_config(spec_class(method).demo_config, cell_overrides)
                 if budget > cfg.data.train_images * NUM_CAPTIONS:  # budgets are prefixes: render enough images
                     cell_overrides.append(f"data.train_images={math.ceil(budget / NUM_CAPTIONS)}")
-                    cfg = load_config(method_class(method).demo_config, cell_overrides)
+                    cfg = load_config(spec_class(method).demo_config, cell_overrides)
                 if (budget and cfg.data.budget != budget) or cfg.train.seed != seed:
                     raise ValueError(f"--set data.budget / train.seed conflict with the grid ({method}: budget "
                                      f"{cfg.data.budget}, seed {cfg.train.seed}); set them with --budgets / --seeds")
@@ -267,15 +284,15 @@ def plan_cells(out_dir: Path, methods: Sequence[str], budgets: Sequence[int], se
                 if budget not in method_budgets(method, budgets):
                     continue
                 cfg, cell_overrides = configs[(method, budget, seed)]
-                run_dir = out_dir / "pretrain" / method / f"b{budget}_s{seed}"
+                run_dir = out_dir / "pretrain" / spec_dir(method) / f"b{budget}_s{seed}"
                 estimate = (cfg.train.steps * PRETRAIN_S_PER_STEP * cfg.train.batch_size / PRETRAIN_BATCH
                             + PRETRAIN_EVAL_S)
                 pre = Cell("pretrain", method, budget, seed, "retrieval", cell_overrides, run_dir, estimate,
-                           config=method_class(method).demo_config, pretrain_steps=cfg.train.steps)
+                           config=spec_class(method).demo_config, pretrain_steps=cfg.train.steps)
                 cells.append(pre)
                 for task in ft_tasks:
                     ft = Cell("finetune", method, budget, seed, task, ft_overrides(seed),
-                              out_dir / "finetune" / f"{method}_b{budget}_s{seed}" / task, ft_cost[task][0],
+                              out_dir / "finetune" / f"{spec_dir(method)}_b{budget}_s{seed}" / task, ft_cost[task][0],
                               checkpoint=run_dir, pretrain_steps=cfg.train.steps, finetune_steps=ft_cost[task][1])
                     pre.dependents.append(ft)
                     cells.append(ft)
@@ -517,10 +534,10 @@ def report_data_efficiency(
     tasks = tuple(dict.fromkeys(tasks)) if tasks else DEFAULT_TASKS
     steps = DEFAULT_STEPS if steps is None else int(steps)
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m.partition(":")[0] not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)} for --methods (registered: {', '.join(METHODS)})")
-    no_demo = [m for m in methods if not method_class(m).demo_config or not method_class(m).retrieval_protocols]
+    no_demo = [m for m in methods if not spec_class(m).demo_config or not spec_class(m).retrieval_protocols]
     if no_demo:
         raise ValueError(f"method(s) {', '.join(no_demo)} have no demo config or no retrieval protocol, so the report "
                          f"cannot pre-train and score them; pick --methods from {', '.join(default_methods())}")
