@@ -165,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
              "summary.md (mean ± std, pairs needed to reach the baseline) and one PNG per task; resumable")
     de.add_argument("--out", default="runs/report_data_efficiency", help="output directory (re-run it to resume)")
     de.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                    help="registered methods (default: every method with a demo config)")
+                    help="registered methods (default: every method with a demo config); NAME:key=value,... is a "
+                         "variant with those pre-training overrides (e.g. an ablation: vlmixer:method.cmc_ratio=0); "
+                         "a method without pairs (vlmixer) is pre-trained once per seed at 0 pairs")
     de.add_argument("--budgets", nargs="+", type=int, default=None, metavar="PAIRS",
                     help="paired-data budgets, prefixes of the world's train pairs (default: 1000 4000 16000 64000)")
     de.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED", help="train.seed values (default: 0 1 2)")
