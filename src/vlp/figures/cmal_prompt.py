@@ -16,13 +16,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from vlp.build import build_tokenizer, build_world, class_words_for, load_checkpoint_model
+from vlp.build import build_tokenizer, class_words_for, load_checkpoint_model
 from vlp.config import RunConfig, load_config
 from vlp.data import lexicon
 from vlp.data.datasets import PairDataset, collate
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.world import WorldSplit
-from vlp.methods import build_method, method_class
+from vlp.figures.common import world_sample
+from vlp.methods import build_method
 from vlp.methods.cmal import Cmal, swap_fill
 from vlp.models.losses import IGNORE_INDEX
 from vlp.models.model import VLModel
@@ -49,20 +50,8 @@ def build_cmal_show(
     else:
         cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
         tokenizer, model = None, None
-    if method_class(cfg.method.name) is not Cmal:
-        raise ValueError(f"`vlp show cmal` needs a CMAL run (method.name: cmal), but "
-                         f"{checkpoint if checkpoint is not None else config} has method.name: {cfg.method.name}")
-    world = build_world(cfg)
-    if split == "unpaired_text":
-        raise ValueError("the unpaired_text split has no images (text only): pick an image split")
-    data = world.split(split)
-    if not 0 <= index < len(data):
-        raise ValueError(f"--index {index} is out of range: the {split} split of this config has {len(data)} "
-                         f"images (valid: 0..{len(data) - 1})")
-    captions = min(len(data[index].captions), CMAL_SHOW_CAPTIONS)
-    if not 0 <= caption < captions:
-        raise ValueError(f"--caption {caption} is out of range: training uses {captions} captions of {split}[{index}] "
-                         f"(valid: 0..{captions - 1})")
+    world, data = world_sample(cfg, Cmal, "vlp show cmal", checkpoint if checkpoint is not None else config, split, index,
+                               caption, CMAL_SHOW_CAPTIONS)
     if tokenizer is None:
         tokenizer = build_tokenizer(cfg, world)
         torch.manual_seed(cfg.train.seed)

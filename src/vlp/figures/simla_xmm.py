@@ -29,14 +29,15 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from vlp.build import build_run_method, build_tokenizer, build_world, checkpoint_dir, class_words_for
+from vlp.build import build_run_method, build_tokenizer, checkpoint_dir, class_words_for
 from vlp.config import RunConfig, load_config
 from vlp.data.datasets import PairDataset, collate, distinct_images
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.transforms import tensor_to_image
 from vlp.data.world import WorldSplit
+from vlp.figures.common import world_sample
 from vlp.figures.cmal_prompt import _cmal_fonts, _hatch, _tint, cmal_sample_key
-from vlp.methods import build_method, method_class
+from vlp.methods import build_method
 from vlp.methods.simla import Simla, psl_targets
 from vlp.models.losses import IGNORE_INDEX
 from vlp.models.model import VLModel
@@ -83,23 +84,8 @@ def build_simla_show(
         cfg = load_config(path / "config.yaml", overrides)
     else:
         cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
-    if method_class(cfg.method.name) is not Simla:
-        raise ValueError(f"`vlp show simla` needs a SIMLA run (method.name: simla), but "
-                         f"{checkpoint if checkpoint is not None else config} has method.name: {cfg.method.name}")
-    if cfg.data.source != "world":
-        raise ValueError(f"`vlp show simla` draws a sample of the embedded world (data.source: world), but the "
-                         f"config has data.source: {cfg.data.source}")
-    world = build_world(cfg)
-    if split == "unpaired_text":
-        raise ValueError("the unpaired_text split has no images (text only): pick an image split")
-    data = world.split(split)
-    if not 0 <= index < len(data):
-        raise ValueError(f"--index {index} is out of range: the {split} split of this config has {len(data)} "
-                         f"images (valid: 0..{len(data) - 1})")
-    captions = min(len(data[index].captions), SIMLA_SHOW_CAPTIONS)
-    if not 0 <= caption < captions:
-        raise ValueError(f"--caption {caption} is out of range: training uses {captions} captions of "
-                         f"{split}[{index}] (valid: 0..{captions - 1})")
+    world, data = world_sample(cfg, Simla, "vlp show simla", checkpoint if checkpoint is not None else config, split, index,
+                               caption, SIMLA_SHOW_CAPTIONS)
     if path is not None:
         tokenizer = TextTokenizer.load(path / "tokenizer.json")
         # the checkpoint carries the fitted codebook: do not read the config's tokenizer file (it may not be here)

@@ -190,12 +190,7 @@ class Albef(PretrainMethod):
 
         `region_feats` (precomputed detector features, `task.region_features`) is refused with a
         ValueError: ALBEF encodes pixels with its ViT and has no input for detector features."""
-        if region_feats is not None:
-            raise ValueError("ALBEF encodes pixels (its ViT image tokens): it cannot take precomputed region features "
-                             "(task.region_features); use a region-input method such as CMAL (method.name: cmal, or "
-                             "a CMAL checkpoint) or drop task.region_features and give task.image_root")
-        if images is None:
-            raise ValueError("ALBEF.encode_pair needs images (B, 3, H, W)")
+        images = self.require_pixels(images, region_feats)
         image = self.model.encode_image(images)
         text = self.model.encode_text(input_ids, attention_mask)
         cls = self.model.fuse(text, attention_mask, image.tokens).cls

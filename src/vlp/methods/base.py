@@ -163,6 +163,19 @@ class PretrainMethod(nn.Module):
                     region_feats: Optional[Tensor] = None) -> PairOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def require_pixels(self, images: Optional[Tensor], region_feats: Optional[Tensor]) -> Tensor:
+        """`encode_pair`'s input check of a method that encodes pixels with its ViT: precomputed region
+        features are refused (ValueError naming the fix) and images are required; returns the images."""
+        owner = type(self).__name__.upper()
+        if region_feats is not None:
+            raise ValueError(f"{owner} encodes pixels (its ViT image tokens): it cannot take precomputed region "
+                             f"features (task.region_features); use a region-input method such as CMAL "
+                             f"(method.name: cmal, or a CMAL checkpoint) or drop task.region_features and give "
+                             f"task.image_root")
+        if images is None:
+            raise ValueError(f"{owner}.encode_pair needs images (B, 3, H, W)")
+        return images
+
     @property
     def needs_regions(self) -> bool:
         """Regions (boxes, or grid cells when there are none) are part of every downstream input."""

@@ -138,11 +138,7 @@ class Clip(PretrainMethod):
         """cls = [text [CLS] (B,D_t) ; image [CLS] (B,D_v) ; t ⊙ v (B,E)] (no cross-modal fusion in a dual
         encoder); with boxes (B,N,4|7), RoIAlign features (B,N,D_v) of the ViT grid at them (REC).
         Precomputed region features are refused (the dual encoder encodes pixels)."""
-        if region_feats is not None:
-            raise ValueError("CLIP encodes pixels with its ViT: it cannot take precomputed region features "
-                             "(task.region_features); drop task.region_features and give task.image_root")
-        if images is None:
-            raise ValueError("CLIP.encode_pair needs images (B, 3, H, W)")
+        images = self.require_pixels(images, region_feats)
         image = self.model.encode_image(images)
         text_hidden = self.model.encode_text(input_ids, attention_mask)
         image_emb, text_emb = self.model.image_embed(image.tokens), self.model.text_embed(text_hidden)

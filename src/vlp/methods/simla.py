@@ -374,11 +374,7 @@ class Simla(PretrainMethod):
                     region_feats: Optional[Tensor] = None) -> PairOutput:
         """The multimodal-mode [CLS] (B, D) of each pair (SIMLA's fine-tuning input) and, with boxes
         (B, N, 4|7), RoIAlign features (B, N, Dv) of the ViT grid (for REC; SIMLA grounds by Grad-CAM)."""
-        if region_feats is not None:
-            raise ValueError("SIMLA encodes pixels (its ViT): it cannot take precomputed region features "
-                             "(task.region_features); drop it and give task.image_root")
-        if images is None:
-            raise ValueError("SIMLA.encode_pair needs images (B, 3, H, W)")
+        images = self.require_pixels(images, region_feats)
         image = self.model.encode_image(images)
         cls = self.model.encode_multimodal(input_ids, attention_mask, image.tokens).cls
         if region_boxes is None:

@@ -1,0 +1,35 @@
+"""What the methods' inspection figures (`vlp show METHOD`) share: picking one sample of the embedded world."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlp.build import build_world
+from vlp.config import RunConfig
+from vlp.data.world import World, WorldSplit
+from vlp.methods import method_class
+
+
+def world_sample(cfg: RunConfig, method: type, command: str, source: str | Path | RunConfig, split: str, index: int,
+                 caption: int, captions_per_image: int) -> tuple[World, WorldSplit]:
+    """(the world, the split holding sample `index` of `split`), after checking (ValueError naming the valid range or
+    the fix) that `cfg` is a run of `method` on the world, that the split has images, and that `index` and
+    `caption` (of the `captions_per_image` training uses) exist. `command` and `source` name what the user ran."""
+    if method_class(cfg.method.name) is not method:
+        raise ValueError(f"`{command}` needs a {method.__name__.upper()} run (method.name: {method.name}), but "
+                         f"{source} has method.name: {cfg.method.name}")
+    if cfg.data.source != "world":
+        raise ValueError(f"`{command}` draws a sample of the embedded world (data.source: world), but the config "
+                         f"has data.source: {cfg.data.source}")
+    if split == "unpaired_text":
+        raise ValueError("the unpaired_text split has no images (text only): pick an image split")
+    world = build_world(cfg)
+    data = world.split(split)
+    if not 0 <= index < len(data):
+        raise ValueError(f"--index {index} is out of range: the {split} split of this config has {len(data)} "
+                         f"images (valid: 0..{len(data) - 1})")
+    captions = min(len(data[index].captions), captions_per_image)
+    if not 0 <= caption < captions:
+        raise ValueError(f"--caption {caption} is out of range: training uses {captions} captions of "
+                         f"{split}[{index}] (valid: 0..{captions - 1})")
+    return world, data
