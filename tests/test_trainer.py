@@ -412,7 +412,7 @@ def test_run_outputs_and_checkpoint_contents(tmp_path):
     ck = out / "checkpoint"
     assert sorted(os.listdir(out)) == ["checkpoint", "config.yaml", "metrics.jsonl", "runtime.json", "tb"]
     assert sorted(os.listdir(ck)) == [
-        "config.yaml", "metrics.jsonl", "model.safetensors", "tokenizer.json", "trainer.pt"]
+        "config.yaml", "manifest.json", "metrics.jsonl", "model.safetensors", "tokenizer.json", "trainer.pt"]
     assert (ck / "tokenizer.json").read_text() == tok.read_text()
     assert (ck / "config.yaml").read_text() == dump_config(cfg)
     # trainer.pt is plain data: weights_only loading works.

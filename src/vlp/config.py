@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
@@ -34,43 +34,43 @@ class Section(BaseModel):
 
 # ----------------------------------------------------------------------------------------- model
 class VisionConfig(Section):
-    image_size: int = 64
-    patch_size: int = 8
-    width: int = 128
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
+    image_size: int = Field(64, ge=1)
+    patch_size: int = Field(8, ge=1)
+    width: int = Field(128, ge=1)
+    depth: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
 
 
 class TextConfig(Section):
-    vocab_size: Optional[int] = None  # None: taken from the tokenizer at build time
-    width: int = 128
-    depth: int = 2
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    max_len: int = 64
-    type_vocab: int = 2
+    vocab_size: Optional[int] = Field(None, ge=1)  # None: taken from the tokenizer at build time
+    width: int = Field(128, ge=1)
+    depth: int = Field(2, ge=0)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    max_len: int = Field(64, ge=1)
+    type_vocab: int = Field(2, ge=1)
     norm: Literal["post", "pre"] = "post"  # post-LN = BERT (required for MiniLM init)
     init: Literal["none", "minilm"] = "none"
-    dropout: float = 0.0
+    dropout: float = Field(0.0, ge=0, lt=1)
     # true = SIMLA's shared encoder: every layer also cross-attends to the image when given one (fusion.depth 0)
     cross_attention: bool = False
 
 
 class FusionConfig(Section):
     type: Literal["cross", "single"] = "cross"  # ALBEF cross-attention | single-stream (UNITER/CMAL)
-    depth: int = 2
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
+    depth: int = Field(2, ge=0)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
 
 
 class ModelConfig(Section):
     name: str = "custom"
-    embed_dim: int = 64  # ITC projection dimension
-    temperature: float = 0.07  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
-    init_std: float = 0.02  # truncated-normal std of Linear/Conv/Embedding weights (BERT/ViT: 0.02)
+    embed_dim: int = Field(64, ge=1)  # ITC projection dimension
+    temperature: float = Field(0.07, gt=0)  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
+    init_std: float = Field(0.02, ge=0)  # truncated-normal std of Linear/Conv/Embedding weights (BERT/ViT: 0.02)
     vision: VisionConfig = Field(default_factory=VisionConfig)
     text: TextConfig = Field(default_factory=TextConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
@@ -162,11 +162,11 @@ class DataConfig(Section):
     # detector output in data.features + data.class_vocab, and data.sentences), vlp.data.unpaired; on the
     # world, a method declaring "unpaired_text" in its inputs reads the unpaired_images / unpaired_text splits.
     source: Literal["world", "regions", "karpathy", "unpaired_files"] = "world"
-    world_seed: int = 0  # images are rendered at model.vision.image_size
-    budget: Optional[int] = 4000  # paired-data budget: first N (image, caption) rows of train; None = all
-    train_images: int = 20000  # size of the train split (images); budgets are prefixes of it
-    max_text_len: int = 40  # world captions reach ~35 words (one token each)
-    vocab_size: int = 1000  # WordPiece vocab trained on the world's text
+    world_seed: int = Field(0, ge=0)  # images are rendered at model.vision.image_size
+    budget: Optional[int] = Field(4000, ge=1)  # paired-data budget: first N (image, caption) rows of train; None = all
+    train_images: int = Field(20000, ge=1)  # size of the train split (images); budgets are prefixes of it
+    max_text_len: int = Field(40, ge=1)  # world captions reach ~35 words (one token each)
+    vocab_size: int = Field(1000, ge=1)  # WordPiece vocab trained on the world's text
     tokenizer: Literal["world", "bert", "captions"] = "world"  # bert = packaged uncased vocab (MiniLM);
     # captions = WordPiece of vocab_size learnt on data.captions, class-vocabulary words forced whole tokens
     # User data (source regions | karpathy); paths relative to the working directory.
@@ -177,32 +177,32 @@ class DataConfig(Section):
     sentences: Optional[str] = None  # unpaired_files: UTF-8 text corpus, one sentence per line (blank lines skipped)
     region_labels_faithful: bool = False  # true = reference argmax(p[:, 1:-1]) (cmal.md §12 quirk 1)
     adaptive_regions: bool = False  # UNITER adaptive N = clip(#{conf > conf_th}, min_bb, max_bb)
-    region_conf_th: float = 0.2
-    region_min_bb: int = 10
-    region_max_bb: int = 100
-    num_workers: int = 0
+    region_conf_th: float = Field(0.2, ge=0, le=1)
+    region_min_bb: int = Field(10, ge=0)
+    region_max_bb: int = Field(100, ge=1)
+    num_workers: int = Field(0, ge=0)
 
 
 # ----------------------------------------------------------------------------------------- train
 class TrainConfig(Section):
-    steps: int = 200
-    batch_size: int = 64  # global batch (split across ranks and accumulation micro-batches)
-    grad_accum: int = 1
-    lr: float = 3e-4
-    weight_decay: float = 0.02
-    betas: tuple[float, float] = (0.9, 0.98)
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # 0 = off
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(64, ge=1)  # global batch (split across ranks and accumulation micro-batches)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.02, ge=0)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.98)
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0)  # 0 = off
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch intra-op threads per process; 0 = auto: the cores available (affinity mask) / processes on
     # this host (torchrun) - data.num_workers, at least 1 (vlp.train.cpu; `vlp --threads N` sets it)
     threads: int = Field(0, ge=0)
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0  # 0 = only at the end
-    ckpt_every: int = 100  # 0 = only at the end
+    seed: int = Field(0, ge=0)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)  # 0 = only at the end
+    ckpt_every: int = Field(100, ge=0)  # 0 = only at the end
     out_dir: str = "runs/pretrain"
     tensorboard: bool = True
     progress: bool = True
@@ -210,9 +210,9 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     split: Literal["val", "test", "compositional"] = "test"
-    num_images: int = 200
-    k_rerank: int = 16  # ITC top-k re-ranked by ITM; 0 = ITC only
-    batch_size: int = 128
+    num_images: int = Field(200, ge=0)  # 0: runs that evaluate no retrieval (files tasks) may say so
+    k_rerank: int = Field(16, ge=0)  # ITC top-k re-ranked by ITM; 0 = ITC only
+    batch_size: int = Field(128, ge=1)
     # Also rank fusion models (ALBEF) by their ITM score over ALL pairs (UNITER protocol, I x 5I fusion
     # forwards): the protocol single-stream methods (CMAL) are scored with, so the two compare like with like.
     itm_all: bool = False
@@ -227,8 +227,8 @@ class TaskConfig(Section):
     checkpoint: Optional[str] = None
     init: str = "demo"  # config (name or YAML) giving model + method when checkpoint is None
     data: str = "world"  # world | easy-vqa (vqa) | files (annotations + image_root below)
-    train_size: int = 4000  # world: examples generated for training; files / easy-vqa: first N (0 = all)
-    eval_size: int = 500  # per evaluation split, as train_size
+    train_size: int = Field(4000, ge=0)  # world: examples generated for training; files / easy-vqa: first N (0 = all)
+    eval_size: int = Field(500, ge=0)  # per evaluation split, as train_size
     eval_splits: list[str] = Field(default_factory=lambda: ["val", "test"])
     # files: split -> annotation file (SNLI-VE / NLVR2 JSONL), or split -> [questions, annotations] (VQAv2),
     # or {refs: ..., instances: ...} (RefCOCO, all splits in one file); see README "Bring your own data"
@@ -245,9 +245,9 @@ class TaskConfig(Section):
     # REC training candidates: gt | proposals (eval reports both when present); None = gt, or with
     # region_features the feature file's detector regions (the only candidates then; metric feat_acc).
     rec_boxes: Optional[Literal["gt", "proposals"]] = None
-    answer_vocab_size: int = 0  # VQA: keep the K most frequent training answers (0 = all)
+    answer_vocab_size: int = Field(0, ge=0)  # VQA: keep the K most frequent training answers (0 = all)
     skip_bad: bool = False  # count and skip malformed records instead of failing on the first
-    dropout: float = 0.1  # head dropout
+    dropout: float = Field(0.1, ge=0, lt=1)  # head dropout
 
 
 class RunConfig(Section):

@@ -186,13 +186,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launch_error(err: BaseException) -> bool:
+    """Whether `err` is a RuntimeError raised by `vlp.train.launch` itself: a device or launch setting the
+    user can change (train.device=cuda without a GPU, LOCAL_RANK beyond the GPUs, torchrun variables)."""
+    if not isinstance(err, RuntimeError):
+        return False
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__") == "vlp.train.launch"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from vlp.train.checkpoint import CheckpointError
+    from vlp.train.checkpoint import CheckpointError, NonFiniteError
 
     try:
         code = _dispatch(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, CheckpointError, NonFiniteError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
+    except RuntimeError as err:
+        if not _launch_error(err):
+            raise
         print(f"error: {err}", file=sys.stderr)
         code = 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

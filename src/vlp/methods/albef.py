@@ -64,21 +64,21 @@ from vlp.models.roi import box_regions
 from vlp.types import Batch, PairOutput
 
 class LossWeights(Section):
-    itc: float = 1.0
-    itm: float = 1.0
-    mlm: float = 1.0
+    itc: float = Field(1.0, ge=0)
+    itm: float = Field(1.0, ge=0)
+    mlm: float = Field(1.0, ge=0)
 
 
 class AlbefConfig(MethodConfig):
     """The `method:` section of ALBEF (`name: albef`)."""
 
     name: Literal["albef"] = "albef"
-    mlm_prob: float = 0.15
+    mlm_prob: float = Field(0.15, ge=0, le=1)
     itm_hard_negatives: bool = True  # ITM negatives drawn from softmax(ITC similarity); false = uniform
     momentum_distill: bool = False
-    momentum: float = 0.995
-    queue_size: int = 0  # 0 = no queue; ALBEF uses 65536
-    distill_alpha: float = 0.4
+    momentum: float = Field(0.995, ge=0, lt=1)
+    queue_size: int = Field(0, ge=0)  # 0 = no queue; ALBEF uses 65536
+    distill_alpha: float = Field(0.4, ge=0, le=1)
     loss_weights: LossWeights = Field(default_factory=LossWeights)
 
 

@@ -37,6 +37,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal, Optional
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from vlp.config import MethodConfig, RunConfig
@@ -51,8 +52,8 @@ class ClipConfig(MethodConfig):
     """The `method:` section of the contrastive baseline (`name: clip`)."""
 
     name: Literal["clip"] = "clip"
-    init_temperature: float = 0.07  # logit scale starts at 1 / 0.07 (open_clip)
-    max_logit_scale: float = 100.0  # open_clip's clamp of exp(logit_scale)
+    init_temperature: float = Field(0.07, gt=0)  # logit scale starts at 1 / 0.07 (open_clip)
+    max_logit_scale: float = Field(100.0, gt=0)  # open_clip's clamp of exp(logit_scale)
 
 
 class Clip(PretrainMethod):

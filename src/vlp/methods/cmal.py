@@ -143,9 +143,9 @@ TASKS = ("itm", "amc", "wrc")
 class TaskMix(Section):
     """Per-task numbers (cmal.md §8.3): sampling ratios or loss weights of ITM, AMC, WRC."""
 
-    itm: float = 1.0
-    amc: float = 3.0
-    wrc: float = 2.0
+    itm: float = Field(1.0, ge=0)
+    amc: float = Field(3.0, ge=0)
+    wrc: float = Field(2.0, ge=0)
 
 
 class CmalConfig(RegionStreamConfig):
@@ -155,12 +155,12 @@ class CmalConfig(RegionStreamConfig):
     code) and `itm_neg_prob` are the shared `RegionStreamConfig` fields."""
 
     name: Literal["cmal"] = "cmal"
-    unimodal_layers: int = 0  # UMSE Transformer layers per modality before the swap; 0 = code-faithful
+    unimodal_layers: int = Field(0, ge=0)  # UMSE Transformer layers per modality before the swap; 0 = code-faithful
     umse_norm: Literal["none", "sphere"] = "none"  # none = code-faithful (quirk 4); sphere = both on radius sqrt(d)
     task_mixing: Literal["ratio", "sum"] = "ratio"  # ratio: one task per step (UNITER); sum: weighted sum
     task_ratio: TaskMix = Field(default_factory=TaskMix)  # ITM:AMC:WRC = 1:3:2 [CODE]
     task_weights: TaskMix = Field(default_factory=TaskMix)  # 'sum' mode, normalised by their sum
-    wrc_temperature: float = 0.07  # initial WRC tau (learnable, clamped to [0.001, 0.5])
+    wrc_temperature: float = Field(0.07, gt=0)  # initial WRC tau (learnable, clamped to [0.001, 0.5])
     wrc_faithful: bool = False  # true = code's WRC normalisation (padding in softmax, / L_t*N; quirk 2)
     wrc_scale: Literal["reference", "anchor_pairs"] = "reference"  # per-sample sum / (L_t*N) as the code; or / |A|
     swap: bool = True  # false = ablation: anchors masked, partner regions masked, no swap feature filling

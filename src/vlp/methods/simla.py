@@ -100,11 +100,11 @@ SALT_MIM = 0x534D49  # "SMI": block-mask draws
 
 
 class SimlaLossWeights(Section):
-    itc: float = 1.0
-    itm: float = 1.0
-    mlm: float = 1.0
-    mim: float = 1.0
-    psl: float = 1.0
+    itc: float = Field(1.0, ge=0)
+    itm: float = Field(1.0, ge=0)
+    mlm: float = Field(1.0, ge=0)
+    mim: float = Field(1.0, ge=0)
+    psl: float = Field(1.0, ge=0)
 
 
 class SimlaConfig(MethodConfig):
@@ -123,7 +123,7 @@ class SimlaConfig(MethodConfig):
     image_vocab_size: int = Field(8192, ge=2)  # visual-token codes (SIMLA: the dVAE's 8192)
     tokenizer_downsample: int = Field(2, ge=1)  # codes of a half-resolution view, as the dVAE's 128 px view
     tokenizer_images: int = Field(2000, ge=1)  # training images the visual tokenizer is fitted on
-    tokenizer_seed: int = 0
+    tokenizer_seed: int = Field(0, ge=0)
     visual_tokenizer: Optional[str] = None  # a fitted tokenizer file (`vlp tokenizer image`); None = fit at start
     psl_keywords_per_head: int = Field(4, ge=1)  # top-k positions per attention head
     psl_keywords: int = Field(5, ge=1)  # keywords per caption (top-n positions by count)

@@ -56,16 +56,16 @@ TASKS = ("mlm", "mrc", "itm")
 class UniterMix(Section):
     """Per-task numbers: sampling ratios (`task_ratio`) or loss weights (`task_weights`) of MLM, MRC, ITM."""
 
-    mlm: float = 3.0
-    mrc: float = 2.0
-    itm: float = 1.0
+    mlm: float = Field(3.0, ge=0)
+    mrc: float = Field(2.0, ge=0)
+    itm: float = Field(1.0, ge=0)
 
 
 class UniterConfig(RegionStreamConfig):
     """The `method:` section of the UNITER baseline (`name: uniter`; module docstring)."""
 
     name: Literal["uniter"] = "uniter"
-    region_mask_prob: float = 0.15  # UNITER masks 15 % of the regions in MRC
+    region_mask_prob: float = Field(0.15, ge=0, le=1)  # UNITER masks 15 % of the regions in MRC
     task_mixing: Literal["ratio", "sum"] = "ratio"  # ratio: one task per step (UNITER); sum: weighted sum
     task_ratio: UniterMix = Field(default_factory=UniterMix)
     task_weights: UniterMix = Field(default_factory=UniterMix)

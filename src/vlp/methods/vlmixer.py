@@ -75,11 +75,11 @@ SALT_ITM = 0x564D49  # "VMI": ITM negatives (paired fine-tuning)
 
 
 class VLMixerWeights(Section):
-    mlm: float = 1.0  # MLM on the mixed view
-    cmcl: float = 1.0  # sentence <-> mixed-view contrast
-    tag: float = 1.0  # image stream: masked tag prediction
-    mrc: float = 1.0  # image stream: masked region classification
-    itm: float = 0.0  # paired fine-tuning only (there are no pairs in pre-training)
+    mlm: float = Field(1.0, ge=0)  # MLM on the mixed view
+    cmcl: float = Field(1.0, ge=0)  # sentence <-> mixed-view contrast
+    tag: float = Field(1.0, ge=0)  # image stream: masked tag prediction
+    mrc: float = Field(1.0, ge=0)  # image stream: masked region classification
+    itm: float = Field(0.0, ge=0)  # paired fine-tuning only (there are no pairs in pre-training)
 
 
 class VLMixerConfig(RegionStreamConfig):

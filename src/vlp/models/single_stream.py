@@ -34,6 +34,7 @@ import warnings
 from typing import Literal, Optional
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from vlp.config import MethodConfig, RunConfig
@@ -51,18 +52,18 @@ RegionSource = Literal["pixels", "vit"]
 class RegionStreamConfig(MethodConfig):
     """`method:` fields every region single-stream method has (the module docstring explains the choices)."""
 
-    mlm_prob: float = 0.15
-    region_mask_prob: float = 0.25  # regions masked for region classification (CMAL: non-anchor ones)
-    itm_neg_prob: float = 0.5  # UNITER ITM: share of rows whose regions come from another image
-    max_regions: int = 100  # BUTD max_bb
+    mlm_prob: float = Field(0.15, ge=0, le=1)
+    region_mask_prob: float = Field(0.25, ge=0, le=1)  # regions masked for region classification (CMAL: non-anchor ones)
+    itm_neg_prob: float = Field(0.5, ge=0, le=1)  # UNITER ITM: share of rows whose regions come from another image
+    max_regions: int = Field(100, ge=1)  # BUTD max_bb
     whole_image_region: bool = False  # prepend a [0,0,1,1] region with label 0 (our addition)
     # Input dim D of the region embedding for precomputed detector features (data.source: regions,
     # task.region_features; BUTD: 2048), so the model is built before data is read. 0 = regions come from
     # images (`region_source`).
-    region_feat_dim: int = 0
+    region_feat_dim: int = Field(0, ge=0)
     region_source: RegionSource = "pixels"  # images with boxes: RoIAlign of the pixels, or of the ViT grid
-    region_pixels: int = 8  # 'pixels': s of the s x s RoIAlign bins per box (feature dim 3*s*s)
-    grid_regions: int = 3  # images without boxes: a g x g grid of cells as regions (label 0)
+    region_pixels: int = Field(8, ge=1)  # 'pixels': s of the s x s RoIAlign bins per box (feature dim 3*s*s)
+    grid_regions: int = Field(3, ge=1)  # images without boxes: a g x g grid of cells as regions (label 0)
 
 
 class RegionClassifier(nn.Module):

@@ -11,11 +11,19 @@ A checkpoint is the directory `<out_dir>/checkpoint/`:
   config.yaml         the resolved run config (`vlp.config.dump_config`).
   tokenizer.json      a copy of the run's tokenizer (when the trainer was given one).
   metrics.jsonl       a copy of the run's metrics log up to this step.
+  manifest.json       written last: the step and every other file's size and SHA-256.
 
 Writes are atomic: everything goes to `checkpoint.tmp/` (each file fsync-ed), then `checkpoint/` is
 renamed to `checkpoint.prev/`, `checkpoint.tmp/` to `checkpoint/`, and `checkpoint.prev/` is removed. A
 crash at any point leaves either `checkpoint/` or `checkpoint.prev/` complete; `resolve_checkpoint`
 falls back to `checkpoint.prev/` and never treats `checkpoint.tmp/` as a checkpoint.
+
+Integrity: loading (`load_checkpoint`, `load_model_weights`) checks model.safetensors and trainer.pt
+against the manifest (size, then SHA-256), so a truncated, zeroed or bit-flipped file is a
+`CheckpointError` naming it; a checkpoint without a manifest (older vlp) loads with a one-time warning.
+When the newest checkpoint is damaged and a complete `checkpoint.prev/` is still there (a crash before
+it was removed), `load_checkpoint` resumes from that one and warns. Parameters and optimiser state are
+checked for NaN / inf before every write: a non-finite state is never written (`NonFiniteError`).
 
 In a distributed run every rank calls `save_checkpoint` (the RNG states of all ranks are gathered);
 only rank 0 writes, and all ranks leave together.
@@ -23,9 +31,12 @@ only rank 0 writes, and all ranks leave together.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
@@ -47,12 +58,20 @@ TRAINER_FILE = "trainer.pt"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
 METRICS_FILE = "metrics.jsonl"
+MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
+MANIFEST_FORMAT = 1
 _ALIAS_PREFIX = "alias:"
+_HASH_CHUNK = 1 << 20
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit the model it is loaded into."""
+    """A checkpoint is missing, incomplete, damaged or does not fit the model it is loaded into."""
+
+
+class NonFiniteError(RuntimeError, FloatingPointError):
+    """Training produced NaN / inf (loss, parameters or optimiser state); the message names the last finite
+    checkpoint and what to change."""
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -212,6 +231,185 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"checkpoint not found: {p} does not exist")
 
 
+# ------------------------------------------------------------------------------------- integrity
+_UNVERIFIED_WARNED: set[str] = set()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_manifest(tmp: Path, step: int) -> None:
+    """manifest.json of the files in `tmp` (size + SHA-256 each); written last, inside the atomic swap."""
+    files = {}
+    for path in sorted(tmp.iterdir()):
+        if path.is_file() and path.name != MANIFEST_FILE:
+            files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    manifest = {"format": MANIFEST_FORMAT, "step": int(step), "files": files}
+    _write_bytes(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def read_manifest(ckpt: str | Path) -> Optional[dict[str, Any]]:
+    """The manifest of checkpoint directory `ckpt`, None when it has none (written by an older vlp)."""
+    file = Path(ckpt) / MANIFEST_FILE
+    if not file.is_file():
+        return None
+    try:
+        manifest = json.loads(file.read_bytes().decode("utf-8"))
+        files = manifest["files"]
+        if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+            for e in files.values()
+        ):
+            raise ValueError("unexpected layout")
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{file}: unreadable manifest ({err}): the checkpoint is damaged") from None
+    return manifest
+
+
+def verify_checkpoint(ckpt: str | Path, files: tuple[str, ...] = (MODEL_FILE, TRAINER_FILE)) -> bool:
+    """Check `files` of checkpoint directory `ckpt` against its manifest (size, then SHA-256): a
+    CheckpointError names the first file that is missing, truncated or changed. Files the checkpoint does
+    not have and the manifest does not list are skipped (a weights-only checkpoint has no trainer.pt).
+    Returns False, after a one-time warning, when the checkpoint has no manifest (older vlp)."""
+    ckpt = Path(ckpt)
+    manifest = read_manifest(ckpt)
+    if manifest is None:
+        if str(ckpt) not in _UNVERIFIED_WARNED:
+            _UNVERIFIED_WARNED.add(str(ckpt))
+            warnings.warn(f"{ckpt} has no {MANIFEST_FILE} (written by an older vlp): its files cannot be "
+                          "checked for damage", stacklevel=3)
+        return False
+    for name in files:
+        path, entry = ckpt / name, manifest["files"].get(name)
+        if entry is None:
+            if path.exists():
+                raise CheckpointError(f"{path}: not listed in {MANIFEST_FILE} (added after the checkpoint was "
+                                      "written?)")
+            continue
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in {MANIFEST_FILE}): the checkpoint is incomplete")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise CheckpointError(f"{path}: {size} bytes, but {entry['size']} were written (truncated or "
+                                  "damaged?)")
+        if _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"{path}: SHA-256 mismatch (the file changed after it was written: damaged?)")
+    return True
+
+
+def _is_intact(ckpt: Path) -> bool:
+    """Whether `ckpt` passes `verify_checkpoint` (one without a manifest counts as intact)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            verify_checkpoint(ckpt)
+        return True
+    except CheckpointError:
+        return False
+
+
+def _checkpoint_step(ckpt: Path) -> Optional[int]:
+    """The step of checkpoint `ckpt` from its manifest (trainer.pt for an older one); None if unreadable."""
+    try:
+        manifest = read_manifest(ckpt)
+        if manifest is not None and isinstance(manifest.get("step"), int):
+            return int(manifest["step"])
+        return int(_trainer_state(ckpt)["step"])
+    except Exception:  # noqa: BLE001 - only used to phrase a message
+        return None
+
+
+def _intact_fallback(ckpt: Path, damage: CheckpointError) -> Path:
+    """The complete `checkpoint.prev/` next to the damaged `ckpt` (warns which one is used); otherwise a
+    CheckpointError saying no intact checkpoint is left."""
+    prev = ckpt.with_name(CHECKPOINT_PREV) if ckpt.name == CHECKPOINT else None
+    if prev is None or not (prev / MODEL_FILE).is_file():
+        raise CheckpointError(f"{damage}; no older intact checkpoint to fall back to (a run directory keeps only "
+                              "its newest one): restart the run, or resume from a copy of an earlier checkpoint") from None
+    try:
+        verify_checkpoint(prev)
+    except CheckpointError as err:
+        raise CheckpointError(f"{damage}; the previous checkpoint is damaged too ({err}): no intact checkpoint "
+                              "to resume from") from None
+    step = _checkpoint_step(prev)
+    message = (f"checkpoint {ckpt} is damaged ({damage}); using the previous intact checkpoint {prev}"
+               f"{f' (step {step})' if step is not None else ''} instead")
+    warnings.warn(message, stacklevel=3)
+    return prev
+
+
+def last_checkpoint_note(out_dir: str | Path) -> str:
+    """Which checkpoint a run can go back to, for error messages: 'the last checkpoint <dir> (step N) is
+    intact: resume from it' or that none was written."""
+    out_dir = Path(out_dir)
+    for name in (CHECKPOINT, CHECKPOINT_PREV):
+        ckpt = out_dir / name
+        if (ckpt / MODEL_FILE).is_file():
+            step = _checkpoint_step(ckpt)
+            return (f"the last finite checkpoint is {ckpt}{f' (step {step})' if step is not None else ''}: "
+                    "resume from it (--resume) after the change")
+    return f"no checkpoint was written to {out_dir} yet: restart the run after the change"
+
+
+def _bf16_supported(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    from vlp.train import cpu
+
+    return cpu.cpu_bf16_support()[0]
+
+
+def nonfinite_advice(train: Any = None, device_type: str = "cpu", fp16: bool = False) -> str:
+    """What to change after NaN / inf: a lower train.lr, a longer warm-up, gradient clipping (current values
+    from `train`, a TrainConfig, when given) and, only for an fp16 run on a device with bf16, bf16."""
+    def now(key: str) -> str:
+        return f" (now {getattr(train, key)})" if train is not None else ""
+
+    clip = getattr(train, "grad_clip", 0.0) if train is not None else 0.0
+    tips = [f"a lower train.lr{now('lr')}", f"a larger train.warmup_steps{now('warmup_steps')}",
+            f"a smaller train.grad_clip{now('grad_clip')}" if clip > 0 else
+            f"train.grad_clip=1.0{' (now 0 = off)' if train is not None else ''}"]
+    if fp16 and _bf16_supported(device_type):
+        tips.append("train.precision=bf16 (fp16 overflows more easily)")
+    return "try " + ", ".join(tips[:-1]) + " or " + tips[-1]
+
+
+def _first_non_finite(method: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Optional[str]:
+    """The first parameter or optimiser-state tensor holding NaN / inf, as a phrase; None when all are finite."""
+    for name, param in method.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param.detach()).all()):
+            return f"parameter '{name}'"
+    if optimizer is not None:
+        names = {id(p): n for n, p in method.named_parameters()}
+        for param, state in optimizer.state.items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    return f"optimiser state '{key}' of parameter '{names.get(id(param), '?')}'"
+    return None
+
+
+def check_finite_state(out_dir: str | Path, method: nn.Module, step: int,
+                       optimizer: Optional[torch.optim.Optimizer] = None,
+                       scaler: Optional[torch.amp.GradScaler] = None,
+                       config: Optional[RunConfig] = None) -> None:
+    """NonFiniteError (nothing is written) when a parameter or optimiser-state tensor holds NaN / inf."""
+    bad = _first_non_finite(method, optimizer)
+    if bad is None:
+        return
+    device = next((p.device.type for p in method.parameters()), "cpu")
+    fp16 = scaler is not None and scaler.is_enabled()
+    raise NonFiniteError(
+        f"non-finite values (NaN/inf) in {bad} at step {step}: checkpoint not written; "
+        f"{last_checkpoint_note(out_dir)}; "
+        f"{nonfinite_advice(config.train if config is not None else None, device, fp16)}"
+    )
+
+
 # ---------------------------------------------------------------------------------------- saving
 def _write_model(tmp: Path, method: nn.Module, step: int) -> None:
     path = tmp / MODEL_FILE
@@ -240,17 +438,26 @@ def _write_side_files(tmp: Path, config: Optional[RunConfig], tokenizer_json: Op
         _write_bytes(tmp / METRICS_FILE, Path(metrics_path).read_bytes())
 
 
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint directory, its weights first: one half-removed by a crash is never taken for one."""
+    (path / MODEL_FILE).unlink(missing_ok=True)
+    shutil.rmtree(path)
+
+
 def _swap_into_place(out_dir: Path) -> Path:
     """checkpoint -> checkpoint.prev, checkpoint.tmp -> checkpoint, remove checkpoint.prev."""
     final, tmp, prev = out_dir / CHECKPOINT, out_dir / CHECKPOINT_TMP, out_dir / CHECKPOINT_PREV
     if final.exists():
-        if prev.exists():  # a stale one from an earlier crash; `final` is complete, so it can go
-            shutil.rmtree(prev)
-        os.replace(final, prev)
+        if prev.exists() and not _is_intact(final):  # keep the intact one of the two until the new one is in
+            _remove_checkpoint(final)
+        else:
+            if prev.exists():  # a stale one from an earlier crash; `final` is complete, so it can go
+                _remove_checkpoint(prev)
+            os.replace(final, prev)
     os.replace(tmp, final)
     _fsync_path(out_dir)
     if prev.exists():
-        shutil.rmtree(prev)
+        _remove_checkpoint(prev)
     return final
 
 
@@ -270,9 +477,12 @@ def save_checkpoint(
     """Atomically write `<out_dir>/checkpoint/` (see the module docstring); returns its path.
 
     Collective in a distributed run: call on every rank. `extra` (numbers / strings / tensors only)
-    is stored in trainer.pt, e.g. the epoch and the data-order fingerprint.
+    is stored in trainer.pt, e.g. the epoch and the data-order fingerprint. A NaN / inf in the parameters or
+    the optimiser state is a `NonFiniteError` and nothing is written.
     """
     out_dir = Path(out_dir)
+    # identical on every rank (replicated parameters), so all ranks leave here together
+    check_finite_state(out_dir, method, step, optimizer, scaler, config)
     rng_states = _gather_rng_states()
     barrier()
     final = out_dir / CHECKPOINT
@@ -296,6 +506,7 @@ def save_checkpoint(
             }
             _write_trainer_state(tmp, trainer_state)
             _write_side_files(tmp, config, tokenizer_json, metrics_path)
+            _write_manifest(tmp, step)
             _fsync_path(tmp)
             _swap_into_place(out_dir)
         except BaseException as err:  # re-raised below, after telling the other ranks
@@ -334,7 +545,11 @@ def _check_compatible(module: nn.Module, saved: dict[str, torch.Tensor], source:
 def _load_weights_file(file: Path, module: nn.Module, strict: bool, prefix: str = "") -> tuple[list[str], list[str]]:
     if not file.is_file():
         raise CheckpointError(f"model weights not found: {file}")
-    saved = load_file(str(file), device="cpu")
+    try:
+        saved = load_file(str(file), device="cpu")
+    except Exception as err:  # noqa: BLE001 - safetensors' own error types: a damaged or foreign file
+        raise CheckpointError(f"{file}: not a readable safetensors file ({type(err).__name__}: {err}): "
+                              "damaged?") from None
     if prefix:
         saved = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
         if not saved:
@@ -369,17 +584,34 @@ def load_model_weights(
     in the file and vice versa. Returns `(missing, unexpected)` key lists (empty when strict).
     """
     p = Path(path).expanduser()
-    file = p if p.suffix == ".safetensors" else resolve_checkpoint(p) / MODEL_FILE
+    if p.suffix == ".safetensors":
+        file = p
+        if (p.parent / MANIFEST_FILE).is_file():  # a checkpoint's weights file named directly
+            verify_checkpoint(p.parent, (p.name,))
+    else:
+        ckpt = resolve_checkpoint(p)
+        verify_checkpoint(ckpt, (MODEL_FILE,))  # warns once for a checkpoint without a manifest
+        file = ckpt / MODEL_FILE
     return _load_weights_file(file, module, strict, prefix)
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
-    """trainer.pt of a checkpoint (resolved like `resolve_checkpoint`), loaded with weights_only=True."""
+    """trainer.pt of a checkpoint (resolved like `resolve_checkpoint`, checked against its manifest), loaded
+    with weights_only=True."""
     ckpt = resolve_checkpoint(path)
+    verify_checkpoint(ckpt, (TRAINER_FILE,))
+    return _trainer_state(ckpt)
+
+
+def _trainer_state(ckpt: Path) -> dict[str, Any]:
     file = ckpt / TRAINER_FILE
     if not file.is_file():
         raise CheckpointError(f"trainer state not found: {file} (weights-only checkpoint? it cannot be resumed)")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle / zip errors of a damaged or foreign file
+        raise CheckpointError(f"{file}: not a readable trainer state ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}): damaged?") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{file} is not a vlp trainer state (no 'step' entry)")
     if int(state.get("format", 0)) > FORMAT_VERSION:
@@ -397,12 +629,17 @@ def load_checkpoint(
     """Restore a checkpoint into `method` (strict) and, when given, the optimiser / scheduler / scaler.
 
     Returns the trainer state: `step`, `rng` (list of per-rank RNG states, see `restore_rng_state`),
-    `extra` and `path` (the directory actually used, e.g. `checkpoint.prev` after a crash).
+    `extra` and `path` (the directory actually used, e.g. `checkpoint.prev` after a crash, or when the
+    newest checkpoint fails its manifest check and the previous one is still complete).
     RNG states are not applied here; the trainer restores its own rank's.
     """
     ckpt = resolve_checkpoint(path)
+    try:
+        verify_checkpoint(ckpt)
+    except CheckpointError as damage:
+        ckpt = _intact_fallback(ckpt, damage)
     _load_weights_file(ckpt / MODEL_FILE, method, strict=True)
-    state = read_trainer_state(ckpt)
+    state = _trainer_state(ckpt)
     if optimizer is not None:
         if state.get("optimizer") is None:
             raise CheckpointError(f"{ckpt / TRAINER_FILE} holds no optimiser state")

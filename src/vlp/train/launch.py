@@ -40,7 +40,7 @@ def select_device(preference: str = "auto") -> torch.device:
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available (use device: auto or cpu)")
+        raise RuntimeError("train.device=cuda but no CUDA device is available: use train.device=auto or cpu")
     local_rank = env_local_rank()
     if local_rank >= torch.cuda.device_count():
         raise RuntimeError(

@@ -45,8 +45,12 @@ from vlp.data.datasets import distinct_images
 from vlp.train import launch
 from vlp.train.checkpoint import (
     METRICS_FILE,
+    CheckpointError,
+    NonFiniteError,
     capture_rng_state,
+    last_checkpoint_note,
     load_checkpoint,
+    nonfinite_advice,
     resolve_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -97,6 +101,35 @@ def progress_line(name: str, step: int, total: int, loss: float, lr: float, samp
     `[albef] step 40/350 loss 3.2140 lr 9.8e-04 112.3 samples/s ETA 2m41s`."""
     return (f"[{name}] step {step}/{total} loss {loss:.4f} lr {lr:.1e} {samples_per_s:.1f} samples/s "
             f"ETA {format_eta(eta_s)}")
+
+
+def _read_metrics(source: Path) -> list[tuple[str, dict]]:
+    """(line, record) of each record in the metrics log `source` (none when it does not exist). A torn last
+    line (a kill while it was written) is dropped with a warning; an unreadable line before it is a
+    CheckpointError naming the file and the line number."""
+    if not source.is_file():
+        return []
+    lines = source.read_bytes().decode("utf-8", errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    out: list[tuple[str, dict]] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not a record")
+            if not isinstance(record.get("step", 0), (int, float)):
+                raise ValueError(f"step is {record['step']!r}, not a number")
+        except ValueError as err:
+            if i == last:
+                warnings.warn(f"{source}: dropped its unreadable last line {i + 1} (torn by a kill while it was "
+                              f"written?): {line[:80]!r}", stacklevel=3)
+                continue
+            raise CheckpointError(f"{source} line {i + 1} is not a metrics record ({err}): fix or delete that "
+                                  "line, then resume again") from None
+        out.append((line, record))
+    return out
 
 
 class Trainer:
@@ -213,11 +246,7 @@ class Trainer:
             metrics.write_text("")
             return
         source = metrics if metrics.is_file() else checkpoint_dir / METRICS_FILE
-        kept: list[str] = []
-        if source.is_file():
-            for line in source.read_text().splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= start_step:
-                    kept.append(line)
+        kept = [line for line, record in _read_metrics(source) if record.get("step", 0) <= start_step]
         tmp = metrics.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, metrics)
@@ -341,9 +370,9 @@ class Trainer:
         if self.device.type == "cuda":
             record["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if not math.isfinite(record["loss"]):
-            raise FloatingPointError(
-                f"non-finite loss {record['loss']} at step {self.step}; try a lower train.lr, "
-                "train.grad_clip > 0 or precision bf16 (the last checkpoint is intact)"
+            raise NonFiniteError(
+                f"non-finite loss ({record['loss']}) at step {self.step}: {last_checkpoint_note(self.out_dir)}; "
+                f"{nonfinite_advice(self.cfg.train, self.device.type, self.amp_dtype == torch.float16)}"
             )
         self._emit(record)
         return record
