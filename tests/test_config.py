@@ -134,3 +134,10 @@ def test_overrides_never_write_into_the_callers_mapping():
     raw = {"model": {"size": "tiny", "text": {"depth": 1}}, "train": {"steps": 5}}
     build_config(raw, ["model.text.depth=3", "train.steps=7"])
     assert raw == {"model": {"size": "tiny", "text": {"depth": 1}}, "train": {"steps": 5}}
+
+
+def test_a_folder_named_like_a_shipped_config_does_not_hide_it(tmp_path, monkeypatch):
+    """`--config demo` in a directory that holds a run folder `demo/` still means the shipped config."""
+    (tmp_path / "albef_tiny").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_config("albef_tiny").method.name == "albef"

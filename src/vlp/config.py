@@ -420,7 +420,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         source = "defaults"
     else:
         p = Path(path)
-        if not p.exists() and not p.suffix and (CONFIG_DIR / f"{p}.yaml").is_file():
+        if not p.is_file() and not p.suffix and (CONFIG_DIR / f"{p}.yaml").is_file():  # a folder named like it: shipped
             p = CONFIG_DIR / f"{p}.yaml"
         raw = _read_yaml(p)
         source = str(p)
