@@ -22,7 +22,7 @@ from vlp.data import lexicon
 from vlp.data.datasets import PairDataset, collate
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.world import WorldSplit
-from vlp.figures.common import world_sample
+from vlp.figures.common import world_sample, wrap_columns
 from vlp.methods import build_method
 from vlp.methods.cmal import Cmal, swap_fill
 from vlp.models.losses import IGNORE_INDEX
@@ -389,14 +389,7 @@ def plot_cmal_prompt(view: CmalPromptView, png_path: str | Path, image_px: int =
         col_w = int(math.ceil(max(body.getlength(token.piece), body.getlength(token.after),
                                   small.getlength(str(token.position)), small.getlength(note)))) + 10
         columns.append(col_w)
-    bands: list[list[int]] = [[]]
-    x = label_w
-    for k, col_w in enumerate(columns):
-        if bands[-1] and x + col_w > content_w:
-            bands.append([])
-            x = label_w
-        bands[-1].append(k)
-        x += col_w + 3
+    bands = wrap_columns(columns, label_w, content_w)
     band_h = 14 + 2 * (chip_h + 3) + 14 + 8
 
     region_chips = [f"R{r.index} {r.name}: {r.after}" for r in view.regions]

@@ -10,6 +10,20 @@ from vlp.data.world import World, WorldSplit
 from vlp.methods import method_class
 
 
+def wrap_columns(widths: list[int], start: int, limit: int, gap: int = 3) -> list[list[int]]:
+    """Columns of the given pixel `widths` laid out left to right from x = `start`, wrapped into bands so that
+    no band runs past `limit`: the column indices of each band (a column wider than the room gets a band)."""
+    bands: list[list[int]] = [[]]
+    x = start
+    for k, width in enumerate(widths):
+        if bands[-1] and x + width > limit:
+            bands.append([])
+            x = start
+        bands[-1].append(k)
+        x += width + gap
+    return bands
+
+
 def world_sample(cfg: RunConfig, method: type, command: str, source: str | Path | RunConfig, split: str, index: int,
                  caption: int, captions_per_image: int) -> tuple[World, WorldSplit]:
     """(the world, the split holding sample `index` of `split`), after checking (ValueError naming the valid range or

@@ -35,7 +35,7 @@ from vlp.data.datasets import PairDataset, collate, distinct_images
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.transforms import tensor_to_image
 from vlp.data.world import WorldSplit
-from vlp.figures.common import world_sample
+from vlp.figures.common import world_sample, wrap_columns
 from vlp.figures.cmal_prompt import _cmal_fonts, _hatch, _tint, cmal_sample_key
 from vlp.methods import build_method
 from vlp.methods.simla import Simla, psl_targets
@@ -460,15 +460,7 @@ def plot_simla_xmm(view: SimlaXmmView, png_path: str | Path, image_px: int = SIM
                                          max(small.getlength(s) for s in smalls)))) + 10)
 
     def bands_of(widths: list[int], start: int) -> list[list[int]]:
-        bands: list[list[int]] = [[]]
-        x = start
-        for k, w in enumerate(widths):
-            if bands[-1] and x + w > content_w:
-                bands.append([])
-                x = start
-            bands[-1].append(k)
-            x += w + 3
-        return bands
+        return wrap_columns(widths, start, content_w)
 
     mlm_bands = bands_of(columns, label_w)
     mlm_band_h = 14 + 3 * (chip_h + 3) + 2 * 14 + 10
