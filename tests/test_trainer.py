@@ -164,6 +164,31 @@ def test_resume_from_finished_run_is_a_no_op(tmp_path):
     assert int(method.updates) == 4  # the checkpoint was loaded
 
 
+def test_resume_runs_a_missing_final_evaluation_once(tmp_path):
+    """A kill during the final evaluation leaves the final checkpoint without its eval record (issue 14: 4 of
+    25 measured kills): `--resume` runs that evaluation (on the loaded weights) and a second resume is a no-op."""
+    cfg = make_cfg(steps=4, ckpt_every=0)
+    calls: list[int] = []
+
+    def crash_eval(method, step):
+        raise RuntimeError("killed during the final evaluation")
+
+    def eval_fn(method, step):
+        calls.append(step)
+        return {"score": float(int(method.updates))}
+
+    with pytest.raises(RuntimeError, match="killed during the final evaluation"):
+        Trainer(cfg, toy(0), ToyData(), collate, tmp_path, eval_fn=crash_eval).fit()
+    assert read_trainer_state(tmp_path)["step"] == 4  # the final checkpoint was written before the eval
+    method = toy(5)
+    records = Trainer(cfg, method, ToyData(), collate, tmp_path, eval_fn=eval_fn).fit(resume=tmp_path)
+    assert calls == [4] and records == [{"step": 4, "eval/score": 4.0}]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1] == {"step": 4, "eval/score": 4.0} and sum("eval/score" in r for r in lines) == 1
+    assert Trainer(cfg, toy(5), ToyData(), collate, tmp_path, eval_fn=eval_fn).fit(resume=tmp_path) == []
+    assert calls == [4]  # evaluated once
+
+
 def test_method_sees_sampler_rows_and_keys(tmp_path):
     """Micro-batches carry the sampler's rows in order, with keys that differ across epochs."""
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -415,6 +415,18 @@ class Trainer:
         )
 
     # --------------------------------------------------------------------------------- fit
+    def _evaluated_at(self, step: int) -> bool:
+        """Whether the run's metrics log holds an evaluation record of `step` (rank 0 reads it; every rank
+        gets the answer, so all of them take part in the evaluation's barrier or none does)."""
+        found = self.rank == 0 and any(
+            record.get("step") == step and any(str(k).startswith("eval/") for k in record)
+            for _, record in _read_metrics(self._metrics_path()))
+        if is_distributed():
+            flag = torch.tensor([1.0 if found else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
+            torch.distributed.broadcast(flag, src=0)
+            found = bool(flag.item())
+        return found
+
     def _prepare_method(self) -> None:
         """Let the method fit its data-dependent state before step 0 (`PretrainMethod.images_to_prepare` /
         `prepare`, e.g. SIMLA's visual tokenizer) on the first distinct training images (the same on every
@@ -445,6 +457,17 @@ class Trainer:
         self._prepare_out_dir(start, checkpoint_dir)
         launch.barrier()
         if start >= tc.steps:
+            if self.eval_fn is not None and not self._evaluated_at(start):
+                # killed (or failed) during the final evaluation: the checkpoint is final, its eval is missing
+                logger.warning("the checkpoint is at the last step (%d) but its final evaluation is missing "
+                               "(interrupted?): running it now", start)
+                if tc.progress and self.rank == 0:
+                    print(f"[{self.out_dir.name}] step {start}/{tc.steps} is done; running its missing final "
+                          f"evaluation", file=sys.stderr, flush=True)
+                self._evaluate()
+                if self._writer is not None:
+                    self._writer.close()
+                return self.records
             logger.info("nothing to do: the checkpoint is at step %d of %d", start, tc.steps)
             return []
         logger.info("%s", self.runtime.describe())
