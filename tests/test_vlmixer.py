@@ -130,14 +130,14 @@ def test_mlm_targets_only_remaining_text_and_replaced_slots_carry_patches(world,
     monkeypatch.setattr("vlp.methods.vlmixer.mask_tokens_at_least_one", capture)
     out = method(batch)
     regions = method.regions(batch)
-    _, replaced = method.mixed_view(batch, regions)
+    replaced = method.mixed_view(batch, regions).replaced
     assert replaced.any(), "the batch's captions should name objects in its images"
     labels = captured["labels"][0]  # the mixed-view MLM call comes first
     assert (labels[replaced] == IGNORE_INDEX).all()
     assert (labels[~replaced & batch.attention_mask.bool()] != IGNORE_INDEX).sum() > 0
     mlm_slots, visual = seen["calls"][-1]
     assert torch.equal(visual, replaced)
-    mixed, _ = method.mixed_view(batch, regions)
+    mixed = method.mixed_view(batch, regions).slots
     assert torch.allclose(mlm_slots[replaced], mixed[replaced])
     assert float(out["cmc_tokens"]) == pytest.approx(float(replaced.sum(1).float().mean()))
 

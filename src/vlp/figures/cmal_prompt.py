@@ -19,15 +19,13 @@ from PIL import Image, ImageDraw, ImageFont
 from vlp.build import build_tokenizer, class_words_for, load_checkpoint_model
 from vlp.config import RunConfig, load_config
 from vlp.data import lexicon
-from vlp.data.datasets import PairDataset, collate
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.world import WorldSplit
-from vlp.figures.common import world_sample, wrap_columns
+from vlp.figures.common import sample_batch, sample_key, world_sample, wrap_columns
 from vlp.methods import build_method
 from vlp.methods.cmal import Cmal, swap_fill
 from vlp.models.losses import IGNORE_INDEX
 from vlp.models.model import VLModel
-from vlp.train.sampler import KEY_SEED_STRIDE
 from vlp.viz import wrap_to_width
 
 # ------------------------------------------------------------------------------ CMAL prompt figure
@@ -60,13 +58,7 @@ def build_cmal_show(
     return cfg, tokenizer, method.eval(), data
 
 
-def cmal_sample_key(row: int, seed: int = 0) -> int:
-    """The sample key the trainer gives dataset row `row` in the first epoch of a run with
-    `train.seed = seed` (`vlp.train.sampler`: seed * KEY_SEED_STRIDE + epoch * N + row, epoch 0).
-    CMAL's partners and masks are a pure function of this key."""
-    if row < 0 or seed < 0:
-        raise ValueError(f"row and seed must be >= 0, got row={row}, seed={seed}")
-    return int(seed) * KEY_SEED_STRIDE + int(row)
+cmal_sample_key = sample_key  # the name this figure's callers know
 
 
 @torch.no_grad()
@@ -84,16 +76,12 @@ def cmal_prompt_view(
     "last pointing token wins" included, is read from what `swap_fill` returns, not re-derived here.
     ValueError for an index / caption outside the split; RuntimeError if the tensors disagree (a bug).
     """
-    dataset = PairDataset(data, tokenizer, max_len, captions_per_image=CMAL_SHOW_CAPTIONS, max_words=max_len)
     if not (0 <= index < len(data) and 0 <= caption < CMAL_SHOW_CAPTIONS):
         raise ValueError(f"sample {index} caption {caption} is outside the {len(data)}-image split "
                          f"({CMAL_SHOW_CAPTIONS} captions per image)")
-    row = index * CMAL_SHOW_CAPTIONS + caption
-    batch = collate([dataset[row]])
-    key = cmal_sample_key(row, seed)
-    batch.sample_keys = torch.tensor([key], dtype=torch.long)
     device = next(method.parameters()).device
-    batch = batch.to(device)
+    batch, row = sample_batch(data, tokenizer, index, caption, seed, max_len, CMAL_SHOW_CAPTIONS, device)
+    key = int(batch.sample_keys[0])
     regions = method.regions(batch)
     pairs = method.anchors(batch, regions)
     partner, masking = method.mask(batch, regions, pairs)

@@ -4,10 +4,36 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from vlp.build import build_world
 from vlp.config import RunConfig
+from vlp.data.datasets import PairDataset, collate
+from vlp.data.tokenizer import TextTokenizer
 from vlp.data.world import World, WorldSplit
 from vlp.methods import method_class
+from vlp.train.sampler import KEY_SEED_STRIDE
+from vlp.types import Batch
+
+
+def sample_key(row: int, seed: int = 0) -> int:
+    """The sample key the trainer gives dataset row `row` in the first epoch of a run with
+    `train.seed = seed` (`vlp.train.sampler`: seed * KEY_SEED_STRIDE + epoch * N + row, epoch 0). A method's
+    masks and draws are a pure function of this key."""
+    if row < 0 or seed < 0:
+        raise ValueError(f"row and seed must be >= 0, got row={row}, seed={seed}")
+    return int(seed) * KEY_SEED_STRIDE + int(row)
+
+
+def sample_batch(data: WorldSplit, tokenizer: TextTokenizer, index: int, caption: int, seed: int, max_len: int,
+                 captions_per_image: int, device: torch.device) -> tuple[Batch, int]:
+    """Caption `caption` of `data[index]` as the one-row batch training sees (through `PairDataset` + `collate`,
+    row = index * captions_per_image + caption) with the trainer's sample key, on `device`: (batch, row)."""
+    dataset = PairDataset(data, tokenizer, max_len, captions_per_image=captions_per_image, max_words=max_len)
+    row = index * captions_per_image + caption
+    batch = collate([dataset[row]])
+    batch.sample_keys = torch.tensor([sample_key(row, seed)], dtype=torch.long)
+    return batch.to(device), row
 
 
 def wrap_columns(widths: list[int], start: int, limit: int, gap: int = 3) -> list[list[int]]:

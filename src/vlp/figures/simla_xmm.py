@@ -31,12 +31,12 @@ from torch import Tensor
 
 from vlp.build import build_run_method, build_tokenizer, checkpoint_dir, class_words_for
 from vlp.config import RunConfig, load_config
-from vlp.data.datasets import PairDataset, collate, distinct_images
+from vlp.data.datasets import PairDataset, distinct_images
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.transforms import tensor_to_image
 from vlp.data.world import WorldSplit
-from vlp.figures.common import world_sample, wrap_columns
-from vlp.figures.cmal_prompt import _cmal_fonts, _hatch, _tint, cmal_sample_key
+from vlp.figures.common import sample_batch, sample_key, world_sample, wrap_columns
+from vlp.figures.cmal_prompt import _cmal_fonts, _hatch, _tint
 from vlp.methods import build_method
 from vlp.methods.simla import Simla, psl_targets
 from vlp.models.losses import IGNORE_INDEX
@@ -226,7 +226,7 @@ def simla_xmm_view(
     training code path.
 
     The sample goes through `PairDataset` + `collate` (row = index * 5 + caption, its training row) and gets
-    the sample key `cmal_sample_key(row, seed)` (the trainer's, epoch 0); then `Simla.mim_mask`, `Simla.mask`,
+    the sample key `vlp.figures.common.sample_key(row, seed)` (the trainer's, epoch 0); then `Simla.mim_mask`, `Simla.mask`,
     `Simla._image_queries` + `heads.mim_head`, `model.encode_multimodal` + `model.mlm_logits`,
     `model_m.text.cls_attention` and `Simla.keyword_targets` as `Simla.forward` runs them (MIM's context:
     the text-mode states, or the embedding-layer output with `faithful_quirks`). The method should be in
@@ -235,13 +235,9 @@ def simla_xmm_view(
     if not (0 <= index < len(data) and 0 <= caption < SIMLA_SHOW_CAPTIONS):
         raise ValueError(f"sample {index} caption {caption} is outside the {len(data)}-image split "
                          f"(valid: index 0..{len(data) - 1}, caption 0..{SIMLA_SHOW_CAPTIONS - 1})")
-    dataset = PairDataset(data, tokenizer, max_len, captions_per_image=SIMLA_SHOW_CAPTIONS, max_words=max_len)
-    row = index * SIMLA_SHOW_CAPTIONS + caption
-    batch = collate([dataset[row]])
-    key = cmal_sample_key(row, seed)
-    batch.sample_keys = torch.tensor([key], dtype=torch.long)
-    device = next(method.parameters()).device
-    batch = batch.to(device)
+    batch, row = sample_batch(data, tokenizer, index, caption, seed, max_len, SIMLA_SHOW_CAPTIONS,
+                              next(method.parameters()).device)
+    key = int(batch.sample_keys[0])
     model, images, ids, attn = method.model, batch.images, batch.input_ids, batch.attention_mask
     image_size = images.shape[-1]
 
@@ -334,7 +330,7 @@ def show(
         "config" if isinstance(config, RunConfig) else str(config))
     title = f"SIMLA XMM + PSL · {origin} · {split}[{index}] caption {caption} · seed {seed}"
     row = index * SIMLA_SHOW_CAPTIONS + caption
-    key = cmal_sample_key(row, seed)
+    key = sample_key(row, seed)
     mcfg = method.cfg
     notes = [
         f"Sample key {key} = the key the trainer gives row {row} of the {split} split (caption {caption} of image "

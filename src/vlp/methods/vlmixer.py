@@ -45,7 +45,7 @@ d the encoder width, E the projection width, C concepts.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 import torch
 from pydantic import Field
@@ -93,11 +93,11 @@ class VLMixerConfig(RegionStreamConfig):
     loss_weights: VLMixerWeights = Field(default_factory=VLMixerWeights)
 
 
-def grounded_concepts(input_ids: Tensor, attention_mask: Tensor, table: LexiconTable) -> Tensor:
+def grounded_concepts(input_ids: Tensor, attention_mask: Tensor, table: LexiconTable | Tensor) -> Tensor:
     """(B, T) long: the concept (0-based class id) each token names, -1 for tokens naming none (specials
     and padding never do). A token naming several concepts takes the first. Vectorised lookup in the
-    lexicon's (C, V) table."""
-    class_token = table.class_token.to(input_ids.device)  # (C, V)
+    lexicon's (C, V) table (a `LexiconTable` or its `class_token`)."""
+    class_token = (table.class_token if isinstance(table, LexiconTable) else table).to(input_ids.device)  # (C, V)
     names = class_token.any(dim=0)  # (V,)
     first = class_token.long().argmax(dim=0)  # (V,) first concept of each token
     concept_of_token = torch.where(names, first, torch.full_like(first, -1))
@@ -136,6 +136,17 @@ def view_contrastive_loss(text_view: Tensor, mixed_view: Tensor, temperature: Te
     return contrastive_loss(text_view, mixed_view, temperature, gather=True)
 
 
+class MixedView(NamedTuple):
+    """A batch's sentences after CMC: slots (B, T, d) the mixed view's slot vectors, words (B, T, d) the plain
+    word vectors, replaced (B, T) bool the slots holding a patch, grounded (B, T) bool the tokens naming a
+    concept."""
+
+    slots: Tensor
+    words: Tensor
+    replaced: Tensor
+    grounded: Tensor
+
+
 class VLMixer(RegionSingleStream, PretrainMethod):
     """VLMixer around a single-stream `VLModel` (module docstring: CMC, objectives, inferred choices).
 
@@ -172,7 +183,6 @@ class VLMixer(RegionSingleStream, PretrainMethod):
                              persistent=False)
         self.init_region_stream(model, cfg)
         self.region_head = RegionClassifier(model.cfg.text.width, table.num_classes + 1, model.cfg.init_std)
-        self.lexicon = table
         self.register_buffer("concept_table", table.class_token.clone(), persistent=False)
         self.register_buffer("tag_tokens", tag_tokens.long(), persistent=False)
         self.register_buffer("task_step", torch.zeros((), dtype=torch.long))
@@ -235,21 +245,20 @@ class VLMixer(RegionSingleStream, PretrainMethod):
         return self.model.fusion.encode_joint(x, attn.bool())
 
     # ------------------------------------------------------------------------------ objectives
-    def mixed_view(self, batch: Batch, regions: RegionInputs) -> tuple[Tensor, Tensor]:
-        """CMC on this batch's sentences with the global gallery of this step's image stream -> (slot vectors
-        (B, T, d) of the mixed view, replaced (B, T) bool)."""
+    def mixed_view(self, batch: Batch, regions: RegionInputs) -> MixedView:
+        """CMC on this batch's sentences with the global gallery of this step's image stream."""
         ids, attn = batch.input_ids, batch.attention_mask
         region_vecs = self.region_vectors(regions)  # (B, N, d)
         gallery = all_gather_with_grad(region_vecs).flatten(0, 1)  # (G*N, d)
         labels = all_gather_no_grad(regions.labels).flatten()
         real = all_gather_no_grad(regions.mask).flatten().bool()
-        concepts = grounded_concepts(ids, attn, self.lexicon.to(ids.device))
+        concepts = grounded_concepts(ids, attn, self.concept_table)
         replaced, patch = cross_modal_cutmix(concepts, labels, real, self._uniforms(batch, (ids.shape[1], 2), SALT_CMC),
                                              self.cfg.cmc_ratio)
         words = self.word_vectors(ids, attn)
         patches = gallery[patch.clamp(min=0)]  # (B, T, d)
         mixed = torch.where(replaced[..., None], patches.to(words.dtype), words)
-        return mixed, replaced
+        return MixedView(mixed, words, replaced, concepts >= 0)
 
     def image_only(self, batch: Batch, regions: RegionInputs) -> dict[str, Tensor]:
         """The image stream alone as [CLS] tags [SEP] ; regions: masked tag prediction and masked region
@@ -303,14 +312,11 @@ class VLMixer(RegionSingleStream, PretrainMethod):
         zero = regions.feats.sum() * 0.0
         parts: dict[str, Tensor] = {}
         if w.mlm != 0 or w.cmcl != 0:
-            mixed, replaced = self.mixed_view(batch, regions)
-            concepts = grounded_concepts(ids, attn, self.lexicon.to(ids.device))
-            grounded = concepts >= 0
+            mixed, words, replaced, grounded = self.mixed_view(batch, regions)
             parts["cmc_rate"] = (replaced.sum() / grounded.sum().clamp_min(1)).float().detach()
             parts["grounded"] = grounded.sum(dim=1).float().mean().detach()
             parts["cmc_tokens"] = replaced.sum(dim=1).float().mean().detach()
             if w.cmcl != 0:
-                words = self.word_vectors(ids, attn)
                 both = self.encode_text_slots(torch.cat([words, mixed]), torch.cat([attn, attn]),
                                               torch.cat([torch.zeros_like(replaced), replaced]))
                 views = self.model.text_embed(both)  # (2B, E): g(H[CLS])
@@ -340,5 +346,5 @@ class VLMixer(RegionSingleStream, PretrainMethod):
         return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 
 
-__all__ = ["VLMixer", "VLMixerConfig", "VLMixerWeights", "cross_modal_cutmix", "grounded_concepts",
+__all__ = ["MixedView", "VLMixer", "VLMixerConfig", "VLMixerWeights", "cross_modal_cutmix", "grounded_concepts",
            "view_contrastive_loss"]
