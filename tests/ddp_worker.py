@@ -1,10 +1,13 @@
-"""Worker for tests/test_ddp.py: train a tiny contrastive toy method with `vlp.train.Trainer`.
+"""Worker for tests/test_ddp.py and tests/test_faults.py: train a tiny toy method with `vlp.train.Trainer`.
 
 Run under torchrun (`python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py
-OUT_DIR STEPS BATCH [--crash-dir DIR --crash-at-call K] [--resume]`) or imported by the test for the
-single-process reference run. Each rank writes its returned records and its final torch RNG state to
-OUT_DIR/records_rank<r>.json. With --crash-dir, a second run (same config) then trains in DIR and every
-rank raises in its K-th forward call (caught), leaving DIR's last checkpoint for a --resume launch.
+OUT_DIR STEPS BATCH [--crash-dir DIR --crash-at-call K] [--resume] [--method masked] [--step-delay S]`) or
+imported by the test for the single-process reference run. Each rank writes its pid to OUT_DIR/pid_rank<r>
+at the start, then its returned records and its final torch RNG state to OUT_DIR/records_rank<r>.json. With
+--crash-dir, a second run (same config) then trains in DIR and every rank raises in its K-th forward call
+(caught), leaving DIR's last checkpoint for a --resume launch. `--method masked` trains `MaskedToy` (an
+MLM-like position-mean loss) and writes `global_token_mean` of fixed per-rank sums to OUT_DIR/token_mean_rank<r>.json;
+`--step-delay` sleeps that long in every forward (a slow run to kill).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,9 +25,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from vlp.config import RunConfig, TrainConfig
+from vlp.models.losses import IGNORE_INDEX, mlm_loss
 from vlp.models.rng import keyed_uniform
 from vlp.train import Trainer
-from vlp.train.distributed import all_gather_with_grad, rank
+from vlp.train.distributed import all_gather_with_grad, global_token_mean, rank
 from vlp.train.launch import distributed_session
 from vlp.types import Batch
 
@@ -84,21 +89,70 @@ class ContrastiveToy(nn.Module):
         return {"loss": (i2t + t2i) / 2, "i2t": i2t.detach(), "t2i": t2i.detach()}
 
 
-def config(steps: int, batch: int) -> RunConfig:
+class MaskedToy(nn.Module):
+    """An MLM-like objective: each of a row's 12 feature "tokens" is classified into 3 bins of its value by a
+    linear head over the row's features, and only the positions selected by a keyed draw (p = 0.3: 0 to 12 per
+    row) count, so ranks and micro-batches hold different numbers of them. `mlm` is `mlm_loss(name="mlm")`;
+    `token_counts` gives the trainer the step's count (exact under accumulation too)."""
+
+    CLASSES = 3
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__()
+        self.enc = nn.Linear(12, 16)
+        self.head = nn.Linear(16, 12 * self.CLASSES)
+        self.delay_s = delay_s
+
+    def labels(self, batch: Batch) -> torch.Tensor:
+        """(B, 12) long: the value bin (< -0.5, < 0.5, else) of each selected feature, -100 elsewhere."""
+        x = batch.images.flatten(1)
+        bins = (x > -0.5).long() + (x > 0.5).long()
+        selected = keyed_uniform(batch.sample_keys, (12,), salt=11) < 0.3
+        return torch.where(selected, bins, torch.full_like(bins, IGNORE_INDEX))
+
+    def token_counts(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {"mlm": (self.labels(batch) != IGNORE_INDEX).sum()}
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        logits = self.head(torch.tanh(self.enc(batch.images.flatten(1)))).view(len(batch), 12, self.CLASSES)
+        loss = mlm_loss(logits, self.labels(batch), name="mlm")
+        return {"loss": loss, "mlm": loss.detach()}
+
+
+class UnannouncedMaskedToy(MaskedToy):
+    """`MaskedToy` without `token_counts`: its MLM is a mean over each micro-batch's positions (of all ranks)."""
+
+    token_counts = None
+
+
+def config(steps: int, batch: int, grad_accum: int = 1) -> RunConfig:
     return RunConfig(
         train=TrainConfig(
-            steps=steps, batch_size=batch, lr=5e-2, warmup_steps=2, log_every=1, ckpt_every=3,
-            tensorboard=False, progress=False, device="cpu", grad_clip=1.0,
+            steps=steps, batch_size=batch, grad_accum=grad_accum, lr=5e-2, warmup_steps=2, log_every=1,
+            ckpt_every=3, tensorboard=False, progress=False, device="cpu", grad_clip=1.0,
         )
     )
 
 
 def train(out_dir: str | Path, steps: int, batch: int, crash_at_call: int | None = None,
-          resume: bool = False) -> list[dict]:
+          resume: bool = False, method: str = "contrastive", grad_accum: int = 1, announce: bool = True,
+          delay_s: float = 0.0) -> list[dict]:
     torch.manual_seed(0)
-    method = ContrastiveToy(crash_at_call)
-    trainer = Trainer(config(steps, batch), method, PairData(), collate, out_dir)
+    if method == "masked":
+        model: nn.Module = MaskedToy(delay_s) if announce else UnannouncedMaskedToy(delay_s)
+    else:
+        model = ContrastiveToy(crash_at_call)
+    trainer = Trainer(config(steps, batch, grad_accum), model, PairData(), collate, out_dir)
     return trainer.fit(resume=out_dir if resume else None)
+
+
+def token_mean_probe() -> list[float]:
+    """`global_token_mean` of rank-dependent sums and counts: rank r holds sums (3 + 2r, 1) over 1 + 2r
+    positions (2 ranks: 4 positions in all)."""
+    r = rank()
+    return global_token_mean(torch.tensor([3.0 + 2 * r, 1.0]), torch.tensor(1 + 2 * r)).tolist()
 
 
 def main() -> None:
@@ -109,10 +163,16 @@ def main() -> None:
     parser.add_argument("--crash-dir", type=Path, default=None)
     parser.add_argument("--crash-at-call", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--method", default="contrastive", choices=["contrastive", "masked"])
+    parser.add_argument("--step-delay", type=float, default=0.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     with distributed_session(device="cpu"):
-        records = train(args.out_dir, args.steps, args.batch, resume=args.resume)
+        (args.out_dir / f"pid_rank{rank()}").write_text(str(os.getpid()))
+        if args.method == "masked":
+            (args.out_dir / f"token_mean_rank{rank()}.json").write_text(json.dumps(token_mean_probe()))
+        records = train(args.out_dir, args.steps, args.batch, resume=args.resume, method=args.method,
+                        delay_s=args.step_delay)
         result = {"records": records, "rng": torch.get_rng_state().tolist()}
         (args.out_dir / f"records_rank{rank()}.json").write_text(json.dumps(result))
         if args.crash_dir is not None:

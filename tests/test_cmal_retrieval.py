@@ -191,3 +191,25 @@ def test_albef_itm_all_matches_direct_all_pairs(world, tok):
     for key in ("img_r1", "txt_r1", "img_r5", "r_mean"):
         assert metrics[f"itm_all/{key}"] == pytest.approx(direct[key]), key
     assert metrics["itm_forwards"] >= n_i * n_t and "itc/img_r1" in metrics
+
+
+def test_albef_itm_all_from_cached_text_states_equals_pair_scoring(world, tok):
+    """ALBEF's "itm_all" through cached text states (`itm_all_from_text_states`) gives the metrics of scoring
+    every pair with `itm_pair_scores` (which re-encodes the text per pair), hard negatives included."""
+    from vlp.methods import build_method
+    from vlp.tasks.retrieval import evaluate_method_retrieval
+
+    cfg = build_config({"model": "tiny", "method": {"name": "albef"}},
+                       ["model.vision.depth=1", "model.text.depth=1", "model.fusion.depth=1",
+                        f"model.vision.image_size={world.image_size}"])
+    torch.manual_seed(0)
+    method = build_method(cfg, VLModel(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id), tok).eval()
+    rset = RetrievalSet.build(world.split("test"), tok, 40, 5, max_words=40)
+    cached = evaluate_method_retrieval(method, rset, ("itm_all",), batch_size=9)
+    with torch.no_grad():
+        direct = evaluate_retrieval_itm_all(method.itm_pair_scores, rset, batch_size=9, encode=method.itm_pair_inputs)
+    keys = [k for k in direct if k.startswith("itm_all/")]
+    assert "itm_all/hard_neg_acc" in keys
+    for key in keys:
+        assert cached[key] == pytest.approx(direct[key], abs=1e-6), key
+    assert cached["itm_forwards"] == direct["itm_forwards"]

@@ -185,7 +185,7 @@ def test_threads_flag_maps_to_train_threads(monkeypatch):
     assert not hasattr(build_parser().parse_args(["pretrain", "--config", "x"]), "threads")
     seen = {}
 
-    def fake_pretrain(config, overrides, resume=None):
+    def fake_pretrain(config, overrides, resume=None, overwrite=False):
         seen["overrides"] = overrides
         return Path("run")
 

@@ -184,7 +184,7 @@ def test_retrieval_by_the_declared_protocols(name, world, tok):
     rset = RetrievalSet.build(world.split("test"), tok, 40, 4, max_words=40)
     itm_all = build_config(cfg.model_dump(mode="json"), ["eval.itm_all=true"])
     metrics = evaluate_method(method, rset, itm_all, torch.device("cpu"))
-    prefixes = {"itc": "itc/", "itc_itm": "itm/", "itm_all": "itm_all/"}
+    prefixes = {"itc": "itc/", "itc_itm": "itm/", "itm_all": "itm_all/", "itc_rerank": "itm/"}
     for protocol in method.retrieval_protocols_for(True):
         assert 0.0 <= metrics[f"{prefixes[protocol]}r_mean"] <= 100.0, protocol
     assert metrics["num_images"] == 4 and method.training  # evaluation restored train mode

@@ -134,7 +134,7 @@ def test_report_writes_results_summary_and_figures(tiny_report):
 
     retrieval = {(r["method"], r["budget"]): r for r in rows if r["task"] == "retrieval"}
     assert set(retrieval) == {("albef", 100), ("albef", 200), ("clip", 100), ("clip", 200)}
-    assert retrieval[("albef", 100)]["metric"] == "itm_all/r_mean" and retrieval[("albef", 100)]["itm_steps"] == 4
+    assert retrieval[("albef", 100)]["metric"] == "itm/r_mean" and retrieval[("albef", 100)]["itm_steps"] == 4
     assert retrieval[("clip", 100)]["metric"] == "itc/r_mean" and retrieval[("clip", 100)]["itm_steps"] is None
     assert all(0 <= r["value"] <= 100 and r["pretrain_steps"] == 4 for r in retrieval.values())
     assert "data.budget=200" in retrieval[("clip", 200)]["overrides"]

@@ -120,7 +120,9 @@ def bench_train_step(
     config: str = "albef_tiny", overrides: list[str] | None = None, batch_size: int | None = None,
     steps: int = 5, warmup: int = 2,
 ) -> dict[str, float]:
-    """Samples/s, step time, peak memory and MFU of `steps` optimizer steps on one real world batch.
+    """Samples/s, step time, peak memory and MFU of `steps` optimizer steps on one real world batch, and the
+    first step's loss (`loss_step0`: rows of one config that differ only in a setting meant to leave the result
+    unchanged, e.g. `albef_tiny:model.length_buckets=1` vs `=3`, show the same value).
 
     `config` is a config name or path, optionally followed by `:key=value,key=value` overrides of that
     config alone (e.g. `demo:method.loss_weights.itm=0,method.loss_weights.mlm=0`, ALBEF's ITC-only cost),
@@ -165,7 +167,7 @@ def bench_train_step(
             torch.cuda.reset_peak_memory_stats(device)
 
         with FlopCounterMode(display=False) as counter:
-            trainer.train_step(batch)
+            first, _ = trainer.train_step(batch)
         step_flops = counter.get_total_flops()
         for _ in range(warmup):
             trainer.train_step(batch)
@@ -198,6 +200,9 @@ def bench_train_step(
         "params_M": sum(p.numel() for p in method.parameters()) / 1e6,
         "step_s": step_s,
         "samples_per_s": batch_size / step_s,
+        # the first step's loss (same seed, weights and batch in every row): settings that must not change the
+        # result (e.g. model.length_buckets) show the same value
+        "loss_step0": float(first["loss"]),
         "peak_rss_GiB" if row_rss else "peak_rss_process_GiB": _peak_rss_bytes() / 2**30,
     }
     model_flops = step_flops / step_s

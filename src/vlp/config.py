@@ -74,6 +74,9 @@ class ModelConfig(Section):
     vision: VisionConfig = Field(default_factory=VisionConfig)
     text: TextConfig = Field(default_factory=TextConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
+    # Text, fusion and single-stream passes run on k sub-batches of similar caption length, each cut to its
+    # longest caption (vlp.models.buckets): less padding, same result to float rounding. 1 = the whole batch.
+    length_buckets: int = Field(1, ge=1)
 
 
 # ---------------------------------------------------------------------------------------- method
@@ -161,7 +164,9 @@ class DataConfig(Section):
     # vlp.data.regions.open_pretrain_source. unpaired_files = unpaired VLP on user data (an image corpus as
     # detector output in data.features + data.class_vocab, and data.sentences), vlp.data.unpaired; on the
     # world, a method declaring "unpaired_text" in its inputs reads the unpaired_images / unpaired_text splits.
-    source: Literal["world", "regions", "karpathy", "unpaired_files"] = "world"
+    # webdataset = (image, caption) pairs streamed from tar shards (data.urls; `vlp data shard` writes them),
+    # vlp.data.shards.
+    source: Literal["world", "regions", "karpathy", "unpaired_files", "webdataset"] = "world"
     world_seed: int = Field(0, ge=0)  # images are rendered at model.vision.image_size
     budget: Optional[int] = Field(4000, ge=1)  # paired-data budget: first N (image, caption) rows of train; None = all
     train_images: int = Field(20000, ge=1)  # size of the train split (images); budgets are prefixes of it
@@ -175,12 +180,22 @@ class DataConfig(Section):
     features: Optional[str] = None  # regions: one .npz of many images, or a folder of <image_id>.npz
     class_vocab: Optional[str] = None  # regions: BUTD objects_vocab.txt (line k = class k, "alias,alias")
     sentences: Optional[str] = None  # unpaired_files: UTF-8 text corpus, one sentence per line (blank lines skipped)
+    # webdataset: local shard path(s) as a brace pattern "dir/shard-{000000..000012}.tar", or a list of patterns
+    urls: Optional[str | list[str]] = None
+    shuffle_buffer: int = Field(1000, ge=0)  # webdataset: shuffle buffer within a shard (0 = shard order)
+    tokenizer_captions: int = Field(10000, ge=1)  # webdataset + tokenizer captions: learnt on the first N captions
     region_labels_faithful: bool = False  # true = reference argmax(p[:, 1:-1]) (cmal.md §12 quirk 1)
     adaptive_regions: bool = False  # UNITER adaptive N = clip(#{conf > conf_th}, min_bb, max_bb)
     region_conf_th: float = Field(0.2, ge=0, le=1)
     region_min_bb: int = Field(10, ge=0)
     region_max_bb: int = Field(100, ge=1)
     num_workers: int = Field(0, ge=0)
+    # Samples that cannot be decoded (truncated image, npz of the wrong shape or holding NaN): an error naming the
+    # file, or with skip_bad (`vlp pretrain --skip-bad`; fine-tuning: task.skip_bad) dropped and counted in
+    # skipped_records.json of the run; training refuses when more than max_bad_fraction of the samples it read
+    # were bad (vlp.data.skips.SkipLedger; fine-tuning applies it to its training data too).
+    skip_bad: bool = False
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
 
 
 # ----------------------------------------------------------------------------------------- train
@@ -196,6 +211,11 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0)  # 0 = off
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch.compile (vlp.train.loop.compile_model): off (eager, the default: on this project's 2-core CPUs
+    # inductor compiled the encoders 1.12x slower after 250 s of compiling, issue 15), encoders (the ViT,
+    # text and fusion stacks, compiled in place: the CUDA choice), or method (the whole forward of a step)
+    compile: Literal["off", "encoders", "method"] = "off"
+    compile_backend: str = "inductor"  # torch.compile's backend ("eager" / "aot_eager" to debug a graph break)
     # torch intra-op threads per process; 0 = auto: the cores available (affinity mask) / processes on
     # this host (torchrun) - data.num_workers, at least 1 (vlp.train.cpu; `vlp --threads N` sets it)
     threads: int = Field(0, ge=0)
@@ -226,7 +246,7 @@ class TaskConfig(Section):
     # ("from scratch": what pre-training buys is the difference).
     checkpoint: Optional[str] = None
     init: str = "demo"  # config (name or YAML) giving model + method when checkpoint is None
-    data: str = "world"  # world | easy-vqa (vqa) | files (annotations + image_root below)
+    data: str = "world"  # world | easy-vqa (vqa) | files (annotations + image_root below) | webdataset (retrieval: data.urls)
     train_size: int = Field(4000, ge=0)  # world: examples generated for training; files / easy-vqa: first N (0 = all)
     eval_size: int = Field(500, ge=0)  # per evaluation split, as train_size
     eval_splits: list[str] = Field(default_factory=lambda: ["val", "test"])

@@ -79,8 +79,9 @@ def finetune_cell(task: str, checkpoint: str | Path | None, out_dir: str | Path,
     if task not in DOWNSTREAM_METRICS:
         raise ValueError(f"unknown task '{task}' (known: {', '.join(DOWNSTREAM_METRICS)})")
     begin = time.time()
+    # overwrite: a cell re-run in its directory (a second `vlp demo`, a report cell) starts over
     run = finetune(task, checkpoint, overrides=[f"train.out_dir={out_dir}", "train.progress=false",
-                                                *(overrides or [])])
+                                                *(overrides or [])], overwrite=True)
     metrics = json.loads((run / "eval.json").read_text())
     column, key = DOWNSTREAM_METRICS[task]
     value = headline_r_mean(metrics) if key is None else metrics[key]
@@ -188,7 +189,7 @@ def demo(out_dir: str | Path = "runs/demo", overrides: list[str] | None = None,
         cfg = load_config(method_class(method).demo_config, run_overrides)
         progress.begin("pretrain", f"pre-training {method} ({cfg.train.steps} steps, {cfg.data.budget} pairs)")
         start = time.time()
-        run_dir = pretrain(cfg)
+        run_dir = pretrain(cfg, overwrite=True)  # the demo is re-run from scratch, not resumed
         seconds = time.time() - start
         progress.end("pretrain")
         metrics = json.loads((run_dir / "eval.json").read_text())

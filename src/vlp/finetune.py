@@ -5,8 +5,9 @@
     metrics = evaluate_task(run)                            # val / test metrics of the fine-tuned model
 
 A fine-tuning run directory holds `config.yaml` (model + method of the checkpoint, train + task of the
-fine-tuning config), `tokenizer.json` (the checkpoint's), `metrics.jsonl`, `checkpoint/` (the task
-module: `backbone.*` + `head.*`) and `eval.json`.
+fine-tuning config), `tokenizer.json` (the checkpoint's), `task.json` (the task and its head's class
+names: `write_task_info`), `metrics.jsonl`, `checkpoint/` (the task module: `backbone.*` + `head.*`) and
+`eval.json`.
 
 Configs: `finetune_<task>` (shipped) gives `train` and `task`; the model, method and tokenizer come from
 the pre-trained checkpoint (`task.checkpoint`), or, for "from scratch", from `task.init` (a pre-training
@@ -45,6 +46,7 @@ from vlp.build import build_run_method, build_tokenizer, build_world, checkpoint
 from vlp.config import RunConfig, build_config, dump_config, load_config
 from vlp.data.datasets import PairDataset, RecordPairDataset, collate
 from vlp.data.records import TaskData
+from vlp.data.shards import open_shard_dataset
 from vlp.data.tokenizer import TextTokenizer
 from vlp.evaluate import evaluate_method
 from vlp.methods import method_class
@@ -52,13 +54,14 @@ from vlp.taskdata import check_region_features, file_retrieval_set, retrieval_fi
 from vlp.tasks.common import RecordDataset, TaskModule, predictions, task_collate
 from vlp.tasks.registry import TASKS
 from vlp.train import launch
-from vlp.train.checkpoint import load_model_weights
+from vlp.train.checkpoint import METRICS_FILE, load_model_weights
 from vlp.train.cpu import configure_cpu
 from vlp.train.launch import select_device
-from vlp.train.loop import Trainer
+from vlp.train.loop import Trainer, claim_out_dir, read_metrics
 from vlp.train.precision import autocast_dtype
 
 FINETUNE_SECTIONS = ("train", "eval", "task")  # taken from the fine-tuning config; the rest from the checkpoint
+TASK_FILE = "task.json"  # a fine-tuning run's task and class names (`write_task_info`)
 
 
 
@@ -139,14 +142,23 @@ def evaluate_splits(module: TaskModule, cfg: RunConfig, data: TaskData, tokenize
 
 # ------------------------------------------------------------------------------------------ entry points
 def finetune(task: str | None = None, checkpoint: str | Path | None = None, config: str | Path | None = None,
-             overrides: list[str] | None = None) -> Path:
+             overrides: list[str] | None = None, resume: str | Path | None = None, overwrite: bool = False) -> Path:
     """Fine-tune on a downstream task, evaluate on `task.eval_splits` (retrieval: `eval.split`); returns the
-    run directory."""
+    run directory.
+
+    `resume` (a fine-tuning run or its checkpoint directory) continues an interrupted fine-tune exactly, as
+    pre-training does (same arguments otherwise: the run's losses and eval.json equal an uninterrupted run's);
+    a finished run only gets its eval.json written again. Without it, a `train.out_dir` that already holds a
+    run is an error (`vlp.train.loop.RunExistsError`) unless `overwrite`, which removes that run's outputs."""
+    if resume is not None and overwrite:
+        raise ValueError("resume and overwrite exclude each other: resume continues the run, overwrite starts it over")
     cfg = finetune_config(task, checkpoint, config, overrides)
     check_region_features(cfg)  # before the backbone is built: a method that cannot take features fails now
     out_dir = Path(cfg.train.out_dir)
     with launch.distributed_session(cfg.train.device):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if resume is None:  # before anything is built or written: an earlier run is refused, or cleared (overwrite)
+            claim_out_dir(out_dir, overwrite)
         backbone, tokenizer = build_backbone(cfg)
         if cfg.task.name == "retrieval":
             module, train_set, collate_fn, evaluate, data = _retrieval_parts(cfg, backbone, tokenizer, rank)
@@ -164,6 +176,7 @@ def finetune(task: str | None = None, checkpoint: str | Path | None = None, conf
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(dump_config(cfg))
             tokenizer.save(out_dir / "tokenizer.json")
+            write_task_info(out_dir, cfg, data)
         launch.barrier()  # the other ranks' Trainer checks that tokenizer.json exists
 
         def eval_fn(trained: nn.Module, step: int) -> dict[str, float]:
@@ -171,9 +184,10 @@ def finetune(task: str | None = None, checkpoint: str | Path | None = None, conf
 
         trainer = Trainer(cfg, module, train_set, collate_fn, out_dir, eval_fn=eval_fn,
                           tokenizer_json=str(out_dir / "tokenizer.json"))
-        records = trainer.fit()
+        records = trainer.fit(resume=resume)
         if rank == 0:
-            final = [r for r in records if any(k.startswith("eval/") for k in r)]
+            # a resume of a finished run evaluates nothing: its final evaluation is in metrics.jsonl
+            final = [r for r in records or read_metrics(out_dir / METRICS_FILE) if any(k.startswith("eval/") for k in r)]
             metrics = {k[len("eval/"):]: v for k, v in final[-1].items() if k.startswith("eval/")} if final else {}
             metrics.update({"task": cfg.task.name, "checkpoint": cfg.task.checkpoint, "steps": cfg.train.steps,
                             "train_examples": len(train_set)})
@@ -190,14 +204,24 @@ def _retrieval_parts(cfg: RunConfig, method: nn.Module, tokenizer: Any, rank: in
     `eval.split` (the first `eval.num_images` images, every image against all the split's captions).
 
     `task.data: world`: the world's train pairs (`task.train_size` pairs, a prefix of the train split).
+    `task.data: webdataset`: the pairs of the WebDataset shards `data.urls` (`vlp.data.shards`, streamed; the
+    world's `eval.split`, or user Karpathy files when `task.annotations` names `eval.split`).
     `task.data: files`: the train split of user Karpathy files (`retrieval_files`; the first
     `task.train_size` (image, caption) pairs, image-major, 0 = all) and their `eval.split` (`file_retrieval_set`).
     Returns (module, train dataset, collate, evaluate(module, device), the file records or None);
     `train=False` (re-scoring) reads only the eval split and builds no train dataset."""
-    if cfg.task.data == "world":
+    if cfg.task.data == "webdataset" and cfg.eval.split in cfg.task.annotations:
+        # streamed training pairs (data.urls), scored on the eval split of user Karpathy files
+        dataset = open_shard_dataset(cfg, tokenizer) if train else None
+        data = retrieval_files(cfg, [cfg.eval.split])
+        rset = file_retrieval_set(cfg, data, tokenizer) if rank == 0 else None
+    elif cfg.task.data in ("world", "webdataset"):
         world = build_world(cfg)
-        dataset = PairDataset(world.split("train"), tokenizer, cfg.data.max_text_len, cfg.task.train_size,
-                              max_words=cfg.data.max_text_len) if train else None
+        if cfg.task.data == "webdataset":  # streamed training pairs (data.urls), e.g. shards of the world
+            dataset = open_shard_dataset(cfg, tokenizer) if train else None
+        else:
+            dataset = PairDataset(world.split("train"), tokenizer, cfg.data.max_text_len, cfg.task.train_size,
+                                  max_words=cfg.data.max_text_len) if train else None
         rset = retrieval_set(cfg, world, tokenizer) if rank == 0 else None
         data = None
     else:
@@ -208,7 +232,8 @@ def _retrieval_parts(cfg: RunConfig, method: nn.Module, tokenizer: Any, rank: in
             pairs = sum(len(r.captions) for r in records)
             budget = pairs if cfg.task.train_size <= 0 else min(cfg.task.train_size, pairs)
             dataset = RecordPairDataset(records, data.images, tokenizer, cfg.data.max_text_len,
-                                        cfg.model.vision.image_size, budget, max_words=cfg.data.max_text_len)
+                                        cfg.model.vision.image_size, budget, max_words=cfg.data.max_text_len,
+                                        skip_bad=cfg.task.skip_bad)
         rset = file_retrieval_set(cfg, data, tokenizer) if rank == 0 else None
 
     def evaluate(trained: nn.Module, device: torch.device) -> dict[str, float]:
@@ -234,11 +259,46 @@ def evaluate_task(run: str | Path, overrides: list[str] | None = None) -> dict[s
         _, _, _, evaluate, _ = _retrieval_parts(cfg, method.to(device), tokenizer, rank=0, train=False)
         return evaluate(method, device)
     data = task_data(cfg)
+    info = read_task_info(path)
+    if info is not None and info.get("labels") is not None:  # the classes the head was trained on
+        TASKS[cfg.task.name].restore_labels(data, info["labels"])
     module = build_task(cfg, method, data)
     load_model_weights(ckpt, module)
     module.to(device)
     return evaluate_splits(module, cfg, data, tokenizer, device)
 
 
-__all__ = ["build_backbone", "build_task", "evaluate_splits", "evaluate_task", "finetune", "finetune_config",
-           "task_dataset"]
+# ------------------------------------------------------------------------------------------ task.json
+def write_task_info(out_dir: Path, cfg: RunConfig, data: TaskData | None) -> None:
+    """`<run>/task.json` = {"task": name, "labels": the head's class names (index = class id) or null}: what
+    predictions on new data need besides the weights (`vlp predict`, `vlp.load`), e.g. the VQA answer
+    vocabulary, which otherwise would have to be rebuilt from the training annotations. REC and retrieval
+    have no classes (null)."""
+    spec = TASKS.get(cfg.task.name)
+    labels = spec.labels(cfg, data) if spec is not None and data is not None else None
+    (out_dir / TASK_FILE).write_text(json.dumps({"task": cfg.task.name, "labels": labels}, indent=1))
+
+
+def read_task_info(run: str | Path) -> dict[str, Any] | None:
+    """The `task.json` of a fine-tuning run, given the run or its checkpoint/ directory: {"task", "labels"}.
+    None when there is none (a pre-training run, or a fine-tune written before vlp saved it); ValueError
+    naming the file when it is not such an object."""
+    path = Path(run)
+    folder = path.parent if path.name in ("checkpoint", "checkpoint.prev") and not (path / TASK_FILE).is_file() else path
+    file = folder / TASK_FILE
+    if not file.is_file():
+        return None
+    try:
+        info = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err}); restore it from the fine-tuning run or run it again") from None
+    labels = info.get("labels") if isinstance(info, dict) else None
+    if not isinstance(info, dict) or not isinstance(info.get("task"), str) or not (
+            labels is None or (isinstance(labels, list) and all(isinstance(x, str) for x in labels))):
+        raise ValueError(f'{file}: expected {{"task": name, "labels": [str, ...] or null}}; restore it from the '
+                         f'fine-tuning run or run it again')
+    return info
+
+
+__all__ = ["TASK_FILE", "build_backbone", "build_task", "evaluate_splits", "evaluate_task", "finetune",
+           "finetune_config", "read_task_info", "task_dataset", "write_task_info"]

@@ -22,22 +22,29 @@ from vlp.evaluate import evaluate_method, has_itc, write_retrieval_figure
 from vlp.methods import METHODS, build_method
 from vlp.models.model import VLModel
 from vlp.train import launch
-from vlp.train.loop import Trainer
+from vlp.train.loop import Trainer, claim_out_dir
 from vlp.viz import plot_loss_curve
 
 
-def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None, resume: str | Path | None = None) -> Path:
+def pretrain(config: str | Path | RunConfig, overrides: list[str] | None = None, resume: str | Path | None = None,
+             overwrite: bool = False) -> Path:
     """Pre-train the method `method.name` on the configured data; returns the run directory.
 
     Works unchanged under `torchrun` (DDP; gloo on CPU, NCCL on CUDA). Evaluation (retrieval by the
     method's protocols, on the world's test split, for runs trained on the world), plots and the final
-    table are produced on rank 0.
+    table are produced on rank 0. `resume` continues a run exactly (a run or checkpoint directory); without
+    it, a `train.out_dir` that already holds a run is an error (`vlp.train.loop.RunExistsError`) unless
+    `overwrite`, which removes that run's outputs first.
     """
+    if resume is not None and overwrite:
+        raise ValueError("resume and overwrite exclude each other: resume continues the run, overwrite starts it over")
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     method_cls = method_class_of(cfg)
     out_dir = Path(cfg.train.out_dir)
     with launch.distributed_session(cfg.train.device):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if resume is None:  # before anything is built or written: an earlier run is refused, or cleared (overwrite)
+            claim_out_dir(out_dir, overwrite)
         # User data (data.source: regions | karpathy, vlp.data.regions; unpaired_files, vlp.data.unpaired)
         # brings its own tokenizer, dataset, collate function and class words; the embedded world is built
         # for data.source: world only (unpaired streams for a method with "unpaired_text" in its inputs).

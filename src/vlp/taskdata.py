@@ -209,12 +209,13 @@ def retrieval_files(cfg: RunConfig, splits: list[str]) -> TaskData:
 def file_retrieval_set(cfg: RunConfig, data: TaskData, tokenizer: Any) -> Any:
     """The `RetrievalSet` of user files: the first `eval.num_images` images of `eval.split` (0, or more than
     the split has = all of them) with ALL their captions (COCO 5-7, Flickr 5), resized to the model's
-    image size; no boxes (region methods rank with grid-cell regions) and no hard negatives."""
+    image size; no boxes (region methods rank with grid-cell regions) and no hard negatives. With
+    `task.skip_bad` an undecodable image is left out with its captions and counted in `data.skipped`."""
     records = data.splits[cfg.eval.split]
     count = len(records) if cfg.eval.num_images <= 0 else min(cfg.eval.num_images, len(records))
     return RetrievalSet.build(records, tokenizer, cfg.data.max_text_len, count, captions_per_image=None,
                               image_size=cfg.model.vision.image_size, max_words=cfg.data.max_text_len,
-                              image_source=data.images)
+                              image_source=data.images, on_bad=data.skipped.add if cfg.task.skip_bad else None)
 
 
 __all__ = ["attach_region_features", "check_region_features", "file_retrieval_set", "open_task_region_features",

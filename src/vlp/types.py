@@ -8,7 +8,7 @@ records masks, so a consumer never has to guess lengths.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -37,6 +37,10 @@ class Batch:
                       seed per-sample randomness (masking, negative sampling) from it
                       (`vlp.models.rng.keyed_uniform`), so a result does not depend on how a global
                       batch is split over ranks or accumulation micro-batches, and resume is exact.
+      skipped         tuple of `vlp.data.skips.BadSample`: the items of this batch that could not be decoded
+                      and were dropped (`--skip-bad`, `SkippingCollate`); () when none. A batch whose every
+                      item was bad has 0 rows. `slice` gives them to the slice starting at row 0 only, so
+                      micro-batches never count them twice.
     """
 
     input_ids: Tensor
@@ -54,6 +58,7 @@ class Batch:
     neg_input_ids: Optional[Tensor] = None
     neg_attention_mask: Optional[Tensor] = None
     sample_keys: Optional[Tensor] = None
+    skipped: tuple[Any, ...] = ()  # vlp.data.skips.BadSample items
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         """Move every tensor field to `device` (floats keep their dtype; AMP casts inside the model)."""
@@ -72,6 +77,7 @@ class Batch:
         for f in fields(self):
             value = getattr(self, f.name)
             sliced[f.name] = value[start:stop] if isinstance(value, Tensor) else value
+        sliced["skipped"] = self.skipped if start == 0 else ()  # counted once over a partition into slices
         return replace(self, **sliced)
 
 

@@ -1,4 +1,5 @@
-"""`vlp` command line: pretrain, eval, finetune, world show, data openmoji, show METHOD, bench, demo, report.
+"""`vlp` command line: pretrain, eval, finetune, predict, embed, world show, data openmoji | shard, show METHOD, bench, demo,
+report.
 
 Every command is a thin shell over `vlp.api`. User mistakes (bad config key, missing file,
 incompatible checkpoint, corrupt image) print one `error: ...` line naming the thing and the fix,
@@ -53,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None, help="shorthand for --set method.name=NAME")
     p.add_argument("--out", default=None, help="shorthand for --set train.out_dir=DIR")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue exactly from a run or checkpoint directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out directory that already holds a run (its outputs are removed)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="count and skip samples that cannot be read (corrupt image, bad feature file) and malformed "
+                        "caption records (data.skip_bad; skipped_records.json; refused beyond data.max_bad_fraction)")
     _add_set(p)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint")
@@ -63,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", default=None, choices=["world", "files"],
                    help="world (default) | files: user Karpathy files (task.annotations.<split>, task.image_root)")
     r.add_argument("--skip-bad", action="store_true",
-                   help="count and skip malformed records of user files instead of stopping at the first")
+                   help="count and skip malformed records and undecodable images of user files instead of "
+                        "stopping at the first")
     _add_set(r)
     for task, text in DOWNSTREAM.items():
         if task == "retrieval":  # `eval retrieval --checkpoint RUN` above scores fine-tuned retrieval runs too
@@ -76,11 +83,40 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("task", choices=list(DOWNSTREAM), help="downstream task")
     f.add_argument("--checkpoint", default=None, help="pre-training run or checkpoint directory (omit: from scratch)")
     f.add_argument("--config", default=None, help="fine-tuning YAML (default: the shipped finetune_<task>)")
-    f.add_argument("--data", default=None, help="world (default) | easy-vqa (vqa) | files (task.annotations)")
+    f.add_argument("--data", default=None,
+                   help="world (default) | easy-vqa (vqa) | files (task.annotations) | webdataset (retrieval: data.urls)")
     f.add_argument("--out", default=None, help="shorthand for --set train.out_dir=DIR")
+    f.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue an interrupted fine-tune exactly (its run or checkpoint directory; same arguments)")
+    f.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out directory that already holds a run (its outputs are removed)")
     f.add_argument("--skip-bad", action="store_true",
-                   help="count and skip malformed records of user files instead of stopping at the first")
+                   help="count and skip malformed records of user files (retrieval: undecodable images too, "
+                        "skipped_records.json) instead of stopping at the first")
     _add_set(f)
+
+    pr = sub.add_parser("predict", help="per-example predictions of a `vlp finetune TASK` run as JSON lines "
+                                        "(VQAv2 files: also the official VQA result file)")
+    pr.add_argument("task", choices=[t for t in DOWNSTREAM if t != "retrieval"], help="the run's task")
+    pr.add_argument("--run", required=True, help="the fine-tuning run directory")
+    pr.add_argument("--data", default=None,
+                    help="world | easy-vqa (vqa) | files (task.annotations.<split>, task.image_root); default: the run's")
+    pr.add_argument("--split", default="test", help="which split of the data to predict (default: test)")
+    pr.add_argument("--out", required=True, metavar="FILE", help="JSON-lines file, one object per example")
+    pr.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="shorthand for --set train.device=...")
+    pr.add_argument("--skip-bad", action="store_true",
+                    help="count and skip malformed records of user files instead of stopping at the first")
+    _add_set(pr)
+
+    em = sub.add_parser("embed", help="export L2-normalised ITC embeddings of an image folder and / or a text file "
+                                      "(.npy + ids .json) for a run whose method has ITC")
+    em.add_argument("--run", required=True, help="a pre-training or fine-tuning run directory")
+    em.add_argument("--images", default=None, metavar="FOLDER", help="folder of image files (not recursive)")
+    em.add_argument("--texts", default=None, metavar="FILE", help="UTF-8 text file, one text per line")
+    em.add_argument("--out", required=True, metavar="DIR", help="writes {image,text}_embeddings.npy + {image,text}_ids.json")
+    em.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default cpu; auto = CUDA when available")
+    em.add_argument("--batch-size", type=int, default=64, help="images / texts per forward")
+    _add_threads(em)
 
     w = sub.add_parser("world", help="the embedded procedural world")
     wsub = w.add_subparsers(dest="world_command", required=True)
@@ -110,6 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
     om.add_argument("--seed", type=int, default=0, help="salt of the train/val/test hash split")
     om.add_argument("--skin-tones", action="store_true", help="include the skin-tone variants (default: base emoji)")
     om.add_argument("--captions", type=int, default=5, help="captions per image, 1-5 (name, aliases, templates)")
+    sh = dgsub.add_parser(
+        "shard", help="write WebDataset shards (tar of KEY.png|jpg|webp + KEY.txt + KEY.json per (image, caption) "
+                      "pair) from the world's train pairs, a Karpathy file or an image folder; train on them with "
+                      "data.source: webdataset and the printed data.urls")
+    sh.add_argument("--out", required=True, help="folder for shard-000000.tar, ... and shards.json (must hold no shards)")
+    sh.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    sh.add_argument("--from", dest="source", default="world", choices=["world", "karpathy", "folder"],
+                    help="world (default): the train pairs of --config's world; karpathy: --captions FILE + "
+                         "--image-root DIR; folder: --image-root DIR + --captions JSON {filename: caption or [captions]}")
+    sh.add_argument("--config", default=None, help="world: the config whose world (data.world_seed, data.train_images, "
+                                                   "model.vision.image_size) and data.budget are written")
+    sh.add_argument("--limit", type=int, default=None,
+                    help="world: the first N (image, caption) pairs (default: the config's data.budget; 0 = all)")
+    sh.add_argument("--captions", default=None, help="karpathy: caption file; folder: JSON {filename: caption(s)}")
+    sh.add_argument("--image-root", default=None, help="karpathy / folder: the folder image paths are relative to")
+    sh.add_argument("--split", default="train", help="karpathy: the split to write (default train)")
+    _add_set(sh)
 
     c = sub.add_parser("show", help="a method's inspection figure (e.g. `vlp show cmal`: CMAL's associative prompt)")
     c.add_argument("method", help="a registered method with a figure (its class's `figure`)")
@@ -199,12 +252,14 @@ def _launch_error(err: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from vlp.data.skips import unwrap_worker_error
     from vlp.train.checkpoint import CheckpointError, NonFiniteError
 
     try:
         code = _dispatch(args)
     except (ConfigError, CheckpointError, NonFiniteError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        # raised in a DataLoader worker: torch pastes the worker's traceback into the message; print its own line
+        print(f"error: {unwrap_worker_error(err)}", file=sys.stderr)
         code = 2
     except RuntimeError as err:
         if not _launch_error(err):
@@ -244,7 +299,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             overrides.append(f"method.name={args.method}")
         if args.out:
             overrides.append(f"train.out_dir={args.out}")
-        run_dir = api.pretrain(args.config, overrides, resume=args.resume)
+        if args.skip_bad:
+            overrides.append("data.skip_bad=true")
+        run_dir = api.pretrain(args.config, overrides, resume=args.resume, overwrite=args.overwrite)
         print(f"run directory: {run_dir}")
         return 0
     if args.command == "finetune":
@@ -257,7 +314,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             overrides.append(f"train.out_dir={args.out}")
         if args.skip_bad:
             overrides.append("task.skip_bad=true")
-        run_dir = api.finetune(args.task, args.checkpoint, args.config, overrides)
+        run_dir = api.finetune(args.task, args.checkpoint, args.config, overrides, resume=args.resume,
+                               overwrite=args.overwrite)
         metrics = json.loads((run_dir / "eval.json").read_text())
         print(format_table([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"]))
         print(f"run directory: {run_dir}")
@@ -275,9 +333,46 @@ def _dispatch(args: argparse.Namespace) -> int:
         metrics = api.evaluate_checkpoint(args.checkpoint, overrides, out_dir=args.out)
         print(format_table([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"]))
         return 0
+    if args.command == "predict":
+        from vlp.predict import predict_task
+
+        overrides = list(args.overrides)
+        if args.data:
+            overrides.append(f"task.data={args.data}")
+        if args.device:
+            overrides.append(f"train.device={args.device}")
+        if args.skip_bad:
+            overrides.append("task.skip_bad=true")
+        summary = predict_task(args.task, args.run, args.out, split=args.split, overrides=overrides)
+        print(f"wrote {summary['examples']} predictions to {summary['out']}")
+        if summary["vqa_results"]:
+            print(f"wrote the official VQA result file {summary['vqa_results']}")
+        return 0
+    if args.command == "embed":
+        from vlp.inference import export_embeddings
+
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+        summary = export_embeddings(args.run, args.out, images=args.images, texts=args.texts, device=args.device,
+                                    batch_size=args.batch_size)
+        for kind in ("image", "text"):
+            if f"{kind}s" in summary:
+                print(f"wrote {summary[f'{kind}s']} {kind} embeddings ({summary['dim']}-d) to "
+                      f"{Path(summary['out']) / f'{kind}_embeddings.npy'} + {kind}_ids.json")
+        if summary.get("ignored_files"):
+            print(f"ignored {summary['ignored_files']} file(s) of --images that are not images", file=sys.stderr)
+        return 0
     if args.command == "world":
         out = api.show_world(args.out, args.split, args.count, args.image_size, args.seed, task=args.task)
         print(f"wrote {out}")
+        return 0
+    if args.command == "data" and args.data_command == "shard":
+        from vlp.data.shards import write_source_shards
+
+        summary = write_source_shards(args.out, args.shard_size, args.source, config=args.config,
+                                      overrides=args.overrides, limit=args.limit, captions=args.captions,
+                                      image_root=args.image_root, split=args.split)
+        print(summary.summary())
         return 0
     if args.command == "data":
         try:

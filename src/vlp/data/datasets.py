@@ -14,6 +14,11 @@
 - `RecordPairDataset`: (image, caption) rows over `CaptionRecord`s + an `ImageSource` (retrieval
   fine-tuning on user Karpathy files); `RetrievalSet.build(records, ..., captions_per_image=None,
   image_source=...)` is its evaluation counterpart.
+
+Undecodable samples (`vlp.data.skips`): the caption-file datasets raise `DataError` naming the file when an
+image (or its precomputed regions) cannot be read, or with `skip_bad` return a `BadSample` in place of the
+item (the trainer's `SkippingCollate` drops it and its `SkipLedger` counts it). `RetrievalSet.build` /
+`from_karpathy_json` drop such an image (with its captions) when given `on_bad`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from vlp.data.records import ImageSource
+from vlp.data.skips import BadSample, DataError, data_error, skip_or_raise
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.transforms import image_to_tensor, load_image
 from vlp.types import Batch
@@ -376,15 +382,19 @@ class CaptionRowDataset(Dataset):
     Subclasses add the image side of a row with `image_part(image_index, group) -> dict` (pixels, or
     precomputed regions). Item: the image part plus caption str, input_ids (T,) long, pad_id,
     image_id (group index: captions of one image are ITC positives, never ITM negatives), row.
+
+    A bad image part (`image_part` raises `vlp.data.skips.DataError`: undecodable image, unusable features)
+    propagates, naming the file; with `skip_bad` the row's item is that `BadSample` instead.
     """
 
     def __init__(self, groups: Sequence[Any], tokenizer: TextTokenizer, max_len: int,
-                 budget: Optional[int] = None, max_words: int = 30) -> None:
+                 budget: Optional[int] = None, max_words: int = 30, skip_bad: bool = False) -> None:
         if max_len < 2:
             raise ValueError(f"max_len must be >= 2 to hold [CLS] and [SEP], got {max_len}")
         self.groups = list(groups)
         self.rows = CaptionRows([len(g.captions) for g in self.groups], budget)
         self.tokenizer, self.max_len, self.max_words = tokenizer, max_len, max_words
+        self.skip_bad = bool(skip_bad)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -392,14 +402,18 @@ class CaptionRowDataset(Dataset):
     def image_part(self, image_index: int, group: Any) -> dict[str, Any]:
         raise NotImplementedError(f"{type(self).__name__} must implement image_part(image_index, group)")
 
-    def __getitem__(self, row: int) -> dict[str, Any]:
+    def __getitem__(self, row: int) -> dict[str, Any] | BadSample:
         if row < 0:
             row += len(self)
         image_index, caption_index = self.rows.locate(row)
         group = self.groups[image_index]
         caption = group.captions[caption_index]
+        try:
+            image_part = self.image_part(image_index, group)
+        except DataError as error:
+            return skip_or_raise(error, self.skip_bad)
         input_ids, _ = self.tokenizer.encode([caption], self.max_len, max_words=self.max_words)
-        return {**self.image_part(image_index, group), "caption": caption, "input_ids": input_ids[0],
+        return {**image_part, "caption": caption, "input_ids": input_ids[0],
                 "pad_id": self.tokenizer.pad_id, "image_id": image_index, "row": row}
 
 
@@ -410,6 +424,8 @@ class ImageCaptionDataset(CaptionRowDataset):
     already parsed from that file; `CaptionRows`, budget = prefix). Every image path is checked at construction (fails fast, naming the record); pixels
     are decoded lazily per item (`load_image`, resized to `image_size`). Items carry no region keys, so a
     region method must make its own regions (CMAL: grid cells, no anchors; see `vlp.methods.cmal`).
+    With `skip_bad` a missing image is not an error at construction: its rows become `BadSample`s ("missing
+    image"), as the rows of an undecodable one do ("undecodable image").
 
     Item: image (3, S, S) float32, caption str, input_ids (T,) long, pad_id, image_id (entry index), row.
     """
@@ -424,14 +440,15 @@ class ImageCaptionDataset(CaptionRowDataset):
         budget: Optional[int] = None,
         max_words: int = 30,
         entries: Optional[Sequence[CaptionEntry]] = None,
+        skip_bad: bool = False,
     ) -> None:
         self.file = Path(captions)
         self.root = Path(image_root)
         self.entries = list(entries) if entries is not None else read_caption_file(self.file, require_image=True)
-        super().__init__(self.entries, tokenizer, max_len, budget, max_words)
+        super().__init__(self.entries, tokenizer, max_len, budget, max_words, skip_bad)
         for entry in self.entries[: self.rows.num_images]:
             image_path = self.root / str(entry.image)
-            if not image_path.is_file():
+            if not skip_bad and not image_path.is_file():
                 raise FileNotFoundError(
                     f"{self.file} record {entry.record}: image not found: {image_path}; check data.image_root "
                     f"({self.root}) or remove the record"
@@ -439,10 +456,13 @@ class ImageCaptionDataset(CaptionRowDataset):
         self.image_size = image_size
 
     def image_part(self, image_index: int, entry: CaptionEntry) -> dict[str, Any]:
+        path = self.root / str(entry.image)
         try:
-            return {"image": load_image(self.root / str(entry.image), self.image_size)}
+            return {"image": load_image(path, self.image_size)}
+        except FileNotFoundError as exc:
+            raise data_error("missing image", path, exc, f"{self.file} record {entry.record}: {exc}") from exc
         except ValueError as exc:
-            raise ValueError(f"{self.file} record {entry.record}: {exc}") from exc
+            raise data_error("undecodable image", path, exc, f"{self.file} record {entry.record}: {exc}") from exc
 
 
 class RecordPairDataset(CaptionRowDataset):
@@ -455,6 +475,8 @@ class RecordPairDataset(CaptionRowDataset):
     `image_size`. Item (as `ImageCaptionDataset`, no region keys: CMAL uses grid cells): image
     (3, S, S), caption, input_ids (T,), pad_id, image_id (record index: captions of one image are ITC
     positives and never ITM negatives), row.
+    `skip_bad`: undecodable images (`DataError` from the source) become `BadSample` items (counted by the
+    trainer's `SkipLedger`) instead of raising.
     """
 
     def __init__(
@@ -466,13 +488,14 @@ class RecordPairDataset(CaptionRowDataset):
         image_size: int,
         budget: Optional[int] = None,
         max_words: int = 30,
+        skip_bad: bool = False,
     ) -> None:
         if images is None:
             raise ValueError("RecordPairDataset needs an image source (e.g. FolderImages(image_root))")
         self.records = list(records)
         if not self.records:
             raise ValueError("RecordPairDataset got no caption records")
-        super().__init__(self.records, tokenizer, max_len, budget, max_words)
+        super().__init__(self.records, tokenizer, max_len, budget, max_words, skip_bad)
         self.images, self.image_size = images, image_size
 
     def image_part(self, image_index: int, record: Any) -> dict[str, Any]:
@@ -543,6 +566,7 @@ class RetrievalSet:
         image_size: Optional[int] = None,
         max_words: int = 30,
         image_source: Optional[ImageSource] = None,
+        on_bad: Optional[Callable[[str], None]] = None,
     ) -> "RetrievalSet":
         """The first `num_images` images of a split with their first `captions_per_image` captions.
 
@@ -556,6 +580,9 @@ class RetrievalSet:
         each image's first `hard_pairs` entry whose positive and negative still differ after
         `pre_caption(., max_words)` and truncation to `max_len` tokens (a swap past the cut would make
         the "negative" identical to the positive); images with no such pair contribute none.
+
+        An image the source cannot decode (`vlp.data.skips.DataError`) is an error naming the file, or, with
+        `on_bad` (e.g. the reader's `SkipReport.add` under `task.skip_bad`), passed to `on_bad` as that message and left out with its captions (the set then holds fewer images).
         """
         total = len(split)
         if num_images is None:
@@ -569,20 +596,27 @@ class RetrievalSet:
         hard_neg: list[str] = []
         counts: list[int] = []
         regions: Optional[list[tuple[Tensor, Tensor]]] = []
-        for i in range(num_images):
-            sample = split[i]
-            if regions is not None and hasattr(sample, "objects"):
-                regions.append(_regions(sample))
-            else:
-                regions = None  # a sample without objects: the set carries no boxes
+        for index in range(num_images):
+            sample = split[index]
             sample_captions = list(sample.captions)
             count = len(sample_captions) if captions_per_image is None else captions_per_image
             if len(sample_captions) < max(count, 1):
                 raise ValueError(
-                    f"{_sample_name(sample, i)} has {len(sample_captions)} captions; a retrieval set needs "
+                    f"{_sample_name(sample, index)} has {len(sample_captions)} captions; a retrieval set needs "
                     f"{max(count, 1)} per image (regenerate the split or lower captions_per_image)"
                 )
-            pixels = sample.image if image_source is None else image_source.load(sample.image_id)
+            try:
+                pixels = sample.image if image_source is None else image_source.load(sample.image_id)
+            except DataError as error:
+                if on_bad is None:
+                    raise
+                on_bad(str(error))
+                continue
+            i = len(images)  # the image's index in the set (skipped images leave no gap)
+            if regions is not None and hasattr(sample, "objects"):
+                regions.append(_regions(sample))
+            else:
+                regions = None  # a sample without objects: the set carries no boxes
             images.append(image_to_tensor(pixels, image_size))
             captions.extend(sample_captions[:count])
             counts.append(count)
@@ -593,6 +627,10 @@ class RetrievalSet:
                     hard_pos.append(positive)
                     hard_neg.append(negative)
                     break
+        if not images:
+            raise ValueError(f"none of the {num_images} images of the retrieval set could be decoded (all skipped); "
+                             f"check the image files")
+        num_images = len(images)
         input_ids, attention_mask = tokenizer.encode(captions, max_len, max_words=max_words)
         txt2img, img2txt = _ground_truth(counts)
         result = cls(
@@ -627,6 +665,7 @@ class RetrievalSet:
         max_len: int,
         image_size: int,
         max_words: int = 30,
+        on_bad: Optional[Callable[[str], None]] = None,
     ) -> "RetrievalSet":
         """Load an ALBEF/BLIP retrieval eval file (`coco_karpathy_test.json`, `flickr30k_test.json`).
 
@@ -634,7 +673,9 @@ class RetrievalSet:
         5-7 captions per image; all are kept, as ALBEF does), parsed by `read_caption_file` (so COCO
         `captions_*.json` with `file_name`s works too; records of one image are merged). Images are
         resized to image_size x image_size. Every record is validated before any image is decoded, so a
-        broken file fails fast, naming the record index and the fix.
+        broken file fails fast, naming the record index and the fix. An undecodable image is an error naming
+        the record and the file (`vlp.data.skips.DataError`), or, with `on_bad`, passed to it as that message
+        and left out with its captions.
         """
         file = Path(path)
         root = Path(image_root)
@@ -652,11 +693,21 @@ class RetrievalSet:
             per_image.append(entry.captions)
 
         loaded: list[Tensor] = []
-        for entry, image_path in zip(entries, image_paths):
+        kept: list[tuple[str, ...]] = []
+        for entry, image_path, captions_of in zip(entries, image_paths, per_image):
             try:
                 loaded.append(load_image(image_path, image_size))
             except ValueError as exc:
-                raise ValueError(f"{file} record {entry.record}: {exc}") from exc
+                error = data_error("undecodable image", image_path, exc, f"{file} record {entry.record}: {exc}")
+                if on_bad is None:
+                    raise error from exc
+                on_bad(str(error))
+                continue
+            kept.append(captions_of)
+        if not loaded:
+            raise ValueError(f"none of the {len(entries)} images of {file} could be decoded (all skipped); check the "
+                             f"files under {root}")
+        per_image = kept
         images = torch.stack(loaded)
         captions = [c for caps in per_image for c in caps]
         input_ids, attention_mask = tokenizer.encode(captions, max_len, max_words=max_words)
@@ -690,6 +741,8 @@ def distinct_images(dataset: Dataset, count: int) -> Tensor:
         if len(images) >= count:
             break
         item = dataset[row]
+        if isinstance(item, BadSample):  # skipped (`skip_bad`): the trainer counts it when a batch meets it
+            continue
         if "image" not in item:
             raise ValueError(f"{type(dataset).__name__} items carry no image (precomputed region features?): "
                              f"this method needs pixels to fit on (data.source: world or karpathy)")

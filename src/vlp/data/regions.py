@@ -30,13 +30,17 @@ Adaptive N (UNITER `_compute_nbb`, cmal.md §3.1), an option (`data.adaptive_reg
 `clip(#{conf > conf_th}, min_bb, max_bb)` regions (BUTD dumps are sorted by confidence).
 
 Every bad input fails with the file (and image) it came from and the fix: a missing npz for an image
-id, a missing array key, wrong shapes, boxes outside [0, 1], soft_labels that disagree with the class
-vocabulary, a feature dim that differs from the configured `method.region_feat_dim`.
+id, a missing array key, wrong shapes, boxes outside [0, 1], NaN / inf in any array (`DataError`, reason
+"non-finite features", counting them), soft_labels that disagree with the class vocabulary, a feature dim
+that differs from the configured `method.region_feat_dim`. Datasets read through `RegionFeatures.read`, which
+turns every per-image problem into a `vlp.data.skips.DataError` (a ValueError naming the file), so that with
+`data.skip_bad` the image's rows become counted `BadSample`s instead (`RegionCaptionDataset`).
 """
 
 from __future__ import annotations
 
 import string
+import warnings
 import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -50,6 +54,7 @@ from torch.utils.data import Dataset
 from vlp.config import ConfigError, RunConfig
 from vlp.data.datasets import CaptionEntry, CaptionRowDataset, CaptionRows, ImageCaptionDataset, collate, read_caption_file
 from vlp.data.lexicon import morphology_variants
+from vlp.data.skips import BadSample, DataError, data_error
 from vlp.data.tokenizer import (
     SPECIAL_TOKENS,
     SUBWORD_PREFIX,
@@ -183,6 +188,31 @@ class RegionFeatures(ABC):
     def location(self, image_id: str) -> str:
         """Where the features of `image_id` are (or would be) stored, for messages."""
 
+    def read(self, image_id: str) -> RegionRecord:
+        """`self[image_id]` for datasets: any problem with this image's features is a `DataError` naming the file
+        (reason "missing features", "malformed features" or "non-finite features"), which `skip_bad` datasets
+        turn into a `BadSample`."""
+        try:
+            return self[image_id]
+        except DataError:
+            raise
+        except (FileNotFoundError, KeyError, ValueError) as error:
+            reason = "missing features" if self.missing([image_id]) else "malformed features"
+            raise data_error(reason, self.location(image_id), error) from error
+
+    @staticmethod
+    def _check_finite(array: np.ndarray, key: str, image_id: str, where: str) -> None:
+        """DataError (reason "non-finite features") naming the file, the array and the count when `array` holds
+        NaN or inf."""
+        if not np.issubdtype(array.dtype, np.floating):
+            return
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            of = "" if f"image {image_id!r}" in where else f" of image {image_id!r}"
+            raise DataError(BadSample("non-finite features", where, (
+                f"{where}: array '{key}'{of} holds {bad} non-finite value(s) (NaN or inf) among its {array.size}; "
+                f"re-extract this image's features or remove the image (data.skip_bad / --skip-bad skips such images)")))
+
     def _record(self, image_id: str, get: Callable[[str], Optional[np.ndarray]], where: str) -> RegionRecord:
         """Validate one image's arrays (`get(key)` -> array or None) and normalise them (`RegionRecord`)."""
         features = get("features")
@@ -192,6 +222,7 @@ class RegionFeatures(ABC):
         if features.ndim != 2 or not np.issubdtype(features.dtype, np.number):
             raise ValueError(f"{where}: 'features' must be a numeric (N, D) array, got {features.dtype} {features.shape}")
         n, dim = features.shape
+        self._check_finite(features, "features", image_id, where)
         if self.feat_dim is not None and dim != self.feat_dim:
             raise ValueError(
                 f"{where}: features have dim {dim} but the model is configured for {self.feat_dim} "
@@ -205,6 +236,7 @@ class RegionFeatures(ABC):
         if boxes.ndim != 2 or boxes.shape[0] != n or boxes.shape[1] not in (4, 6, 7):
             raise ValueError(f"{where}: '{key}' must have shape ({n}, 4 | 6 | 7) to match features ({n}, {dim}), "
                              f"got {boxes.shape}")
+        self._check_finite(boxes, key, image_id, where)
         width, height = get("image_w"), get("image_h")
         if key == "boxes" and width is not None and height is not None:  # pixel boxes
             if boxes.shape[1] != 4:
@@ -215,8 +247,6 @@ class RegionFeatures(ABC):
                 raise ValueError(f"{where}: image_w / image_h must be positive, got {w} x {h}")
             boxes = boxes / np.array([w, h, w, h])
         xyxy = boxes[:, :4]
-        if n and not np.isfinite(boxes).all():
-            raise ValueError(f"{where}: '{key}' holds NaN or inf")
         if n and (xyxy.min() < -BOX_TOLERANCE or xyxy.max() > 1 + BOX_TOLERANCE):
             raise ValueError(
                 f"{where}: boxes outside [0, 1] (min {xyxy.min():.4g}, max {xyxy.max():.4g}): '{key}' must be "
@@ -241,6 +271,7 @@ class RegionFeatures(ABC):
             soft = np.asarray(soft, dtype=np.float32)
             if soft.ndim != 2 or soft.shape[0] != n or soft.shape[1] < 2:
                 raise ValueError(f"{where}: 'soft_labels' must have shape ({n}, C+1) to match features, got {soft.shape}")
+            self._check_finite(soft, "soft_labels", image_id, where)
             if self.num_classes is not None and soft.shape[1] != self.num_classes + 1:
                 raise ValueError(
                     f"{where}: soft_labels have {soft.shape[1]} columns but the class vocabulary has "
@@ -253,6 +284,7 @@ class RegionFeatures(ABC):
             conf = np.asarray(conf, dtype=np.float32)
             if conf.shape != (n,):
                 raise ValueError(f"{where}: 'conf' must have shape ({n},) to match features, got {conf.shape}")
+            self._check_finite(conf, "conf", image_id, where)
         keep = n
         if self.adaptive:
             if conf is None:
@@ -493,6 +525,9 @@ class RegionCaptionDataset(CaptionRowDataset):
     surface before training. Items (collated by `vlp.data.datasets.collate`, which pads N):
       caption str, input_ids (T,) long, pad_id, image_id (entry index), row,
       region_feats (N, D) float32, region_boxes (N, 7) float32, region_labels (N,) long | None.
+    An image whose features cannot be used (`RegionFeatures.read`: missing, malformed, NaN / inf) is a
+    `DataError` naming the file; with `skip_bad` its rows are `BadSample`s instead (missing features are then
+    no error at construction, and `has_labels` comes from the first image that reads).
 
     `has_labels`: whether the (first image's) features carry soft_labels; without them there are no anchors.
     """
@@ -506,12 +541,16 @@ class RegionCaptionDataset(CaptionRowDataset):
         budget: Optional[int] = None,
         max_words: int = 30,
         entries: Optional[Sequence[CaptionEntry]] = None,
+        skip_bad: bool = False,
     ) -> None:
         self.file = Path(captions)
         self.entries = list(entries) if entries is not None else read_caption_file(self.file)
-        super().__init__(self.entries, tokenizer, max_len, budget, max_words)
+        super().__init__(self.entries, tokenizer, max_len, budget, max_words, skip_bad)
         self.features = features
         needed = [e.image_id for e in self.entries[: self.rows.num_images]]
+        if skip_bad:
+            self.has_labels = self._first_readable(needed).labels is not None
+            return
         missing = features.missing(needed)
         if missing:
             shown = ", ".join(features.location(i) for i in missing[:3])
@@ -521,8 +560,21 @@ class RegionCaptionDataset(CaptionRowDataset):
             )
         self.has_labels = features[needed[0]].labels is not None
 
+    def _first_readable(self, image_ids: Sequence[str]) -> RegionRecord:
+        """The features of the first image among `image_ids` that reads (skip_bad); the first error if none does."""
+        first: Optional[DataError] = None
+        for image_id in image_ids:
+            try:
+                return self.features.read(image_id)
+            except DataError as error:
+                first = first or error
+        if first is None:
+            raise ValueError(f"{self.file} names no image within the budget")
+        raise DataError(BadSample(first.sample.reason, first.sample.where,
+                                  f"no image of {self.file} has usable region features; the first: {first}"))
+
     def image_part(self, image_index: int, entry: CaptionEntry) -> dict[str, Any]:
-        record = self.features[entry.image_id]
+        record = self.features.read(entry.image_id)
         return {
             "region_feats": torch.from_numpy(record.features),
             "region_boxes": torch.from_numpy(record.boxes),
@@ -596,6 +648,8 @@ def open_pretrain_source(cfg: RunConfig, region_feat_dim: Optional[int] = None) 
               a `method.grid_regions`^2 grid of cells (no anchors, warned), ALBEF trains as usual.
     Tokenizer: `data.tokenizer: bert` (packaged BERT uncased) or `captions` (`train_caption_tokenizer` on the
     budgeted captions, class words forced whole). ConfigError naming the key for a missing setting.
+    `data.skip_bad` (`vlp pretrain --skip-bad`): malformed caption records are left out (one warning with their
+    count and the first few), and images that cannot be read become counted `BadSample`s (`vlp.data.skips`).
     `region_feat_dim`: the width of precomputed features the run's method takes (its class's
     `region_feature_dim(cfg)`: 0 = the ViT width), None when it encodes pixels only (then regions are refused).
     """
@@ -622,7 +676,12 @@ def open_pretrain_source(cfg: RunConfig, region_feat_dim: Optional[int] = None) 
         raise ConfigError("data.source: karpathy needs data.image_root (the folder the captions' image paths are "
                           "relative to)")
     class_words = read_class_vocab(d.class_vocab) if d.class_vocab is not None else []
-    entries = read_caption_file(d.captions, require_image=d.source == "karpathy")
+    malformed: list[str] = []
+    entries = read_caption_file(d.captions, require_image=d.source == "karpathy",
+                                on_bad=malformed.append if d.skip_bad else None)
+    if malformed:
+        warnings.warn(f"data.skip_bad: left out {len(malformed)} malformed record(s) of {d.captions}, e.g. "
+                      + "; ".join(malformed[:3]), stacklevel=2)
     rows = CaptionRows([len(e.captions) for e in entries], d.budget)
     if d.tokenizer == "bert":
         tokenizer = TextTokenizer.bert_uncased()
@@ -632,7 +691,7 @@ def open_pretrain_source(cfg: RunConfig, region_feat_dim: Optional[int] = None) 
     if d.source == "karpathy":
         dataset: Dataset = ImageCaptionDataset(d.captions, d.image_root, tokenizer, d.max_text_len,
                                                cfg.model.vision.image_size, d.budget, max_words=d.max_text_len,
-                                               entries=entries)
+                                               entries=entries, skip_bad=d.skip_bad)
         return PretrainSource(tokenizer, dataset, collate, class_words)
     reader = open_region_features(
         d.features,
@@ -642,7 +701,7 @@ def open_pretrain_source(cfg: RunConfig, region_feat_dim: Optional[int] = None) 
         adaptive=d.adaptive_regions, conf_th=d.region_conf_th, min_bb=d.region_min_bb, max_bb=d.region_max_bb,
     )
     dataset = RegionCaptionDataset(d.captions, reader, tokenizer, d.max_text_len, d.budget,
-                                   max_words=d.max_text_len, entries=entries)
+                                   max_words=d.max_text_len, entries=entries, skip_bad=d.skip_bad)
     if dataset.has_labels and not class_words:
         raise ConfigError(
             f"the region features ({d.features}) carry soft_labels, but data.class_vocab is not set: set it to the "

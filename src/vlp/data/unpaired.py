@@ -51,6 +51,8 @@ from vlp.data.regions import (
     read_class_vocab,
     train_caption_tokenizer,
 )
+from vlp.data.shards import open_shard_source
+from vlp.data.skips import BadSample, DataError, skip_or_raise
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.transforms import image_to_tensor
 
@@ -202,6 +204,8 @@ class UnpairedFeatureDataset(_UnpairedRows):
       region_feats (N, D) float32, region_boxes (N, 7) float32, region_labels (N,) long | None,
       image_id int (index into `image_ids`), caption str (the sentence), input_ids (T,), pad_id,
       sentence_id int, row.
+    Features that cannot be used (`RegionFeatures.read`) are a `DataError` naming the file, or with `skip_bad`
+    (data.skip_bad) the row's item is that `BadSample` (counted by the trainer, `vlp.data.skips`).
     """
 
     def __init__(
@@ -213,21 +217,35 @@ class UnpairedFeatureDataset(_UnpairedRows):
         max_words: int = 30,
         num_rows: Optional[int] = None,
         image_ids: Optional[Sequence[str]] = None,
+        skip_bad: bool = False,
     ) -> None:
         self.features = features
+        self.skip_bad = bool(skip_bad)
         self.image_ids = list(image_ids) if image_ids is not None else feature_image_ids(features)
         if not self.image_ids:
             raise ValueError(f"no region features found in {features.path} (data.features): expected "
                              f"<image_id>.npz files or a multi-image .npz")
         self.sentences = list(sentences)
         super().__init__(len(self.image_ids), len(self.sentences), tokenizer, max_len, max_words, num_rows)
-        self.has_labels = features[self.image_ids[0]].labels is not None
+        if not skip_bad:
+            self.has_labels = features[self.image_ids[0]].labels is not None
+            return
+        for image_id in self.image_ids:  # the first image that reads (bad ones are skipped when met)
+            try:
+                self.has_labels = features.read(image_id).labels is not None
+                return
+            except DataError:
+                continue
+        self.has_labels = features.read(self.image_ids[0]).labels is not None  # none reads: the first one's error
 
-    def __getitem__(self, row: int) -> dict[str, Any]:
+    def __getitem__(self, row: int) -> dict[str, Any] | BadSample:
         if row < 0:
             row += len(self)
         image_index, sentence_index = self.locate(row)
-        record = self.features[self.image_ids[image_index]]
+        try:
+            record = self.features.read(self.image_ids[image_index])
+        except DataError as error:
+            return skip_or_raise(error, self.skip_bad)
         return {"region_feats": torch.from_numpy(record.features), "region_boxes": torch.from_numpy(record.boxes),
                 "region_labels": None if record.labels is None else torch.from_numpy(record.labels),
                 "image_id": image_index,
@@ -272,7 +290,8 @@ def open_unpaired_source(cfg: RunConfig, region_feat_dim: Optional[int] = None) 
         tokenizer = TextTokenizer.bert_uncased()
     else:
         tokenizer = train_caption_tokenizer(sentences, d.vocab_size, class_words)
-    dataset = UnpairedFeatureDataset(reader, sentences, tokenizer, d.max_text_len, max_words=d.max_text_len)
+    dataset = UnpairedFeatureDataset(reader, sentences, tokenizer, d.max_text_len, max_words=d.max_text_len,
+                                     skip_bad=d.skip_bad)
     if not dataset.has_labels:
         raise ConfigError(f"the region features ({d.features}) carry no soft_labels: the unpaired image stream needs "
                           f"detector class labels (soft_labels (N, C+1), column 0 = background)")
@@ -289,6 +308,7 @@ def pretrain_source(cfg: RunConfig, method_cls: Any) -> Optional[PretrainSource]
     """The user-data source of a pre-training run, None for the embedded world (`world_pretrain_dataset`).
 
     regions | karpathy -> `open_pretrain_source` (paired; refused for an unpaired method: pairs would leak);
+    webdataset         -> `vlp.data.shards.open_shard_source` (paired, streamed from tar shards; refused likewise);
     unpaired_files     -> `open_unpaired_source` (refused for a paired method, and for one that takes no
                           precomputed region features: `region_feature_dim(cfg)` None).
     """
@@ -310,6 +330,8 @@ def pretrain_source(cfg: RunConfig, method_cls: Any) -> Optional[PretrainSource]
         raise ConfigError(f"method {cfg.method.name!r} pre-trains without image-text pairs, but data.source: {source} "
                           f"holds pairs; use data.source: world (its unpaired_images / unpaired_text splits) or "
                           f"unpaired_files (data.features + data.sentences)")
+    if source == "webdataset":
+        return open_shard_source(cfg)
     return open_pretrain_source(cfg, dim)
 
 

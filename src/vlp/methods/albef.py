@@ -116,10 +116,12 @@ class Albef(PretrainMethod):
     config_class = AlbefConfig
     inputs = frozenset({"images", "image_ids"})
     retrieval_protocols = ("itc_itm", "itm_all")
+    itm_all_from_text_states = True  # the text encoder never sees the image: encode each text once
     retrieval_finetune_overrides = ("method.loss_weights.mlm=0", "method.itm_hard_negatives=true")
     demo_config = "demo"
     in_demo_by_default = True
-    rank_independent_parts = ("itc", "itm", "itm_acc")  # MLM is a mean over each rank's own masked tokens
+    # MLM is the mean over every rank's masked tokens (global_token_mean); mlm_acc is a per-rank ratio
+    rank_independent_parts = ("itc", "itm", "itm_acc", "mlm", "loss")
 
     def __init__(
         self,
@@ -326,6 +328,16 @@ class Albef(PretrainMethod):
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         return itm_loss(logits, labels), accuracy
 
+    @torch.no_grad()
+    def token_counts(self, batch: Batch) -> dict[str, Tensor]:
+        """{"mlm": masked tokens of `batch`}, the rank's whole step batch (the trainer sums it over ranks:
+        MLM is then the mean over the global batch's masked tokens however the step is cut into micro-batches,
+        `vlp.models.losses.global_token_mean`). Empty with MLM off, or without sample keys (the masks would
+        draw from the global RNG)."""
+        if self.cfg.loss_weights.mlm == 0 or batch.sample_keys is None:
+            return {}
+        return {"mlm": (self.mask(batch)[1] != -100).sum()}
+
     def mask(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """The MLM input of `batch`: (masked_ids (B, T), labels (B, T), -100 = not predicted).
 
@@ -351,7 +363,7 @@ class Albef(PretrainMethod):
             with torch.no_grad():
                 fused_m = self.model_m.fuse(self.model_m.encode_text(masked_ids, attn), attn, image_tokens_m).text
                 soft = torch.softmax(self.model_m.mlm_logits(fused_m[selected]).float(), dim=-1)
-        loss = mlm_loss(logits, targets, soft_targets=soft, alpha=alpha)
+        loss = mlm_loss(logits, targets, soft_targets=soft, alpha=alpha, name="mlm")  # global-batch mean
         accuracy = (logits.argmax(dim=-1) == targets).float().sum() / max(int(targets.numel()), 1)
         return loss, accuracy.detach()
 

@@ -39,8 +39,13 @@ Retrieval (`vlp.tasks.retrieval.evaluate_method_retrieval`), by the protocols in
                -> tuple of (B, ...)` computed once per image, and `itm_pair_scores(*rows, input_ids,
                attention_mask) -> (P,)` the matched-class ITM logit of P pairs (UNITER's protocol: every
                image against every text).
-  The first protocol is the method's headline; "itm_all" is also run for a method that lists it later
-  when `eval.itm_all` is set (like-for-like with single-stream methods).
+  * "itc_rerank": a method without ITC but with a first retrieval stage (`vlp.models.first_stage`):
+               `first_stage_image_embeds(*itm_pair_inputs rows) -> (B, E)` and `first_stage_text_embeds(
+               input_ids, attention_mask) -> (B, E)`, L2-normalised; their cosine ranks, and the top
+               `eval.k_rerank` of each query are re-ranked by `itm_pair_scores` (linear in the set size).
+  `retrieval_protocols_for(itm_all)` picks the ones an evaluation runs (a method may override it, e.g.
+  when a protocol depends on its config). The first protocol is the method's headline; "itm_all" is also
+  run for a method that lists it later when `eval.itm_all` is set (like-for-like with single-stream methods).
 
 Declared capabilities (class attributes):
   * `name`, `config_class`: the registry key and the `method:` section class.
@@ -55,6 +60,9 @@ Declared capabilities (class attributes):
     imports it and calls its `show(out, config=..., checkpoint=..., **options)`.
   * `demo_config`: the shipped config `vlp demo --methods NAME` pre-trains (None: not in the demo);
     `in_demo_by_default`: whether a bare `vlp demo` runs it (the demo must stay within 10 CPU minutes).
+  * `itm_all_from_text_states`: "itm_all" may run through `itc_model`'s cached unimodal text states
+    (`encode_text` once per text, then `fuse` + `itm_logits` per pair: ALBEF, whose text encoder does not
+    see the image) instead of `itm_pair_scores` re-encoding the text of every pair; same scores.
   * `rank_independent_parts`: the logged parts of `forward` that do not depend on how the global batch
     is split over ranks (gathered features, keyed randomness); the contract test checks that they agree
     between 2 gloo processes and 1. Parts left out are honest about their dependence (e.g. a mean over
@@ -71,7 +79,7 @@ from torch import Tensor, nn
 from vlp.config import MethodConfig, RunConfig
 from vlp.types import Batch, PairOutput
 
-RETRIEVAL_PROTOCOLS = ("itc", "itc_itm", "itm_all")
+RETRIEVAL_PROTOCOLS = ("itc", "itc_itm", "itm_all", "itc_rerank")
 BATCH_INPUTS = frozenset({"images", "region_boxes", "region_labels", "region_feats", "image_ids",
                           "unpaired_text", "unpaired_images"})
 
@@ -93,6 +101,7 @@ class PretrainMethod(nn.Module):
     in_demo_by_default: ClassVar[bool] = False
     rank_independent_parts: ClassVar[tuple[str, ...]] = ()
     prepared_state: ClassVar[Optional[str]] = None
+    itm_all_from_text_states: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -132,6 +141,12 @@ class PretrainMethod(nn.Module):
     def unused_parameters(self) -> set[str]:
         """Trainable parameters a training step may leave without gradient (default: none)."""
         return set()
+
+    def separately_clipped(self) -> tuple[str, ...]:
+        """Parameter-name prefixes of heads trained on detached inputs (e.g. `vlp.models.first_stage`): the
+        trainer clips their gradients as a group of their own, so they cannot change the method's clipped
+        update (default: none)."""
+        return ()
 
     def itm_steps(self, steps: int) -> Optional[int]:
         """How many of the first `steps` optimizer steps train the ITM head (None: the method has no ITM).

@@ -457,7 +457,7 @@ class Cmal(RegionSingleStream, PretrainMethod):
     name = "cmal"
     config_class = CmalConfig
     inputs = frozenset({"images", "region_boxes", "region_labels", "region_feats", "image_ids"})
-    retrieval_protocols = ("itm_all",)
+    retrieval_protocols = ("itm_all", "itc_rerank")  # itc_rerank with method.first_stage only
     retrieval_finetune_overrides = ("method.task_mixing=sum", "method.task_weights.itm=1",
                                     "method.task_weights.amc=0", "method.task_weights.wrc=0")
     figure = "vlp.figures.cmal_prompt"
@@ -528,6 +528,7 @@ class Cmal(RegionSingleStream, PretrainMethod):
         self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.wrc_temperature)))
         self.register_buffer("task_step", torch.zeros((), dtype=torch.long))
         self.check_task_mix()
+        self.init_first_stage()  # last: method.first_stage's head (a deviation, vlp.models.first_stage)
 
     @classmethod
     def from_config(
@@ -652,6 +653,10 @@ class Cmal(RegionSingleStream, PretrainMethod):
             parts["wrc"] = self.wrc(batch, regions, pairs)
             parts["tau"] = self.log_tau.exp().clamp(TAU_MIN, TAU_MAX)
             loss = loss + run["wrc"] * parts["wrc"]
+        first_stage = self.first_stage_terms(batch, regions)  # {} unless method.first_stage
+        if first_stage:
+            parts.update(first_stage)
+            loss = loss + first_stage["first_stage"]
         out = {"loss": loss}
         out.update({k: v.detach() for k, v in parts.items()})
         out["anchor_rate"], out["anchors_per_caption"] = rate.detach(), per_caption.detach()

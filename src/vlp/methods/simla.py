@@ -78,6 +78,7 @@ from vlp.models.losses import (
     all_gather_no_grad,
     all_gather_with_grad,
     contrastive_loss,
+    global_token_mean,
     itm_loss,
     mask_tokens,
     mlm_loss,
@@ -249,8 +250,9 @@ class Simla(PretrainMethod):
     prepared_state = "visual_tokenizer"
     demo_config = "demo_simla"
     figure = "vlp.figures.simla_xmm"
-    # MLM and MIM are means over each rank's own masked tokens / patches; PSL over each rank's rows
-    rank_independent_parts = ("itc", "itm", "itm_acc")
+    # MLM and MIM are means over every rank's masked tokens / patches (global_token_mean); PSL is a mean
+    # over each rank's rows
+    rank_independent_parts = ("itc", "itm", "itm_acc", "mlm", "mim")
 
     def __init__(self, model: VLModel, cfg: SimlaConfig, *, mask_id: int, cls_id: int, special_ids: Any,
                  vocab_size: int, global_batch: int) -> None:
@@ -270,6 +272,10 @@ class Simla(PretrainMethod):
         if cfg.faithful_quirks and text.max_len < 1 + grid * grid:
             raise ValueError(f"method.faithful_quirks adds text positions to the {1 + grid * grid} image tokens "
                              f"(quirk 3) but model.text.max_len is {text.max_len}: raise it or turn the flag off")
+        if cfg.faithful_quirks and model.length_buckets > 1:
+            raise ValueError(f"method.faithful_quirks reads MLM logits at padded positions (quirk 6), which length "
+                             f"buckets zero, but model.length_buckets is {model.length_buckets}: set "
+                             f"model.length_buckets=1 or turn the flag off")
         self.model, self.cfg = model, cfg
         self.mask_id, self.cls_id, self.vocab_size = int(mask_id), int(cls_id), int(vocab_size)
         self.register_buffer("special_ids", torch.tensor(sorted(int(i) for i in special_ids), dtype=torch.long),
@@ -487,6 +493,21 @@ class Simla(PretrainMethod):
                             torch.zeros(2 * size, dtype=torch.long, device=logits.device)])
         return itm_loss(logits, labels), (logits.argmax(dim=1) == labels).float().mean().detach()
 
+    @torch.no_grad()
+    def token_counts(self, batch: Batch) -> dict[str, Tensor]:
+        """{"mlm": masked tokens, "mim": masked patches} of `batch`, the rank's whole step batch, for the
+        objectives that are on (the trainer sums them over ranks: MLM and MIM are then means over the global
+        batch however the step is cut into micro-batches, `vlp.models.losses.global_token_mean`). Empty without
+        sample keys (the masks would draw from the global RNG)."""
+        if batch.sample_keys is None:
+            return {}
+        counts = {}
+        if self.cfg.loss_weights.mlm != 0:
+            counts["mlm"] = (self.mask(batch)[1] != IGNORE_INDEX).sum()
+        if self.cfg.loss_weights.mim != 0:
+            counts["mim"] = self.mim_mask(batch).sum()
+        return counts
+
     def mask(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """The MLM input: (masked_ids (B, T), labels (B, T), -100 = not predicted); keyed per sample."""
         ids = batch.input_ids
@@ -507,9 +528,11 @@ class Simla(PretrainMethod):
             with torch.no_grad():
                 soft = torch.softmax(self.model_m.mlm_logits(
                     self.model_m.encode_multimodal(masked_ids, attn, image_tokens_m).text).float(), dim=-1)
-            hard = mlm_loss(logits_full[selected], targets)
+            nll = -F.log_softmax(logits_full[selected].float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             seq_soft = -(soft * F.log_softmax(logits_full.float(), dim=1)).sum(-1)  # (B, T)
-            loss = (1 - alpha) * hard + alpha * seq_soft[selected].sum() / selected.sum().clamp_min(1)
+            # both terms: means over the global batch's masked tokens (one count all-reduce)
+            means = global_token_mean(torch.stack([nll.sum(), seq_soft[selected].sum()]), selected.sum(), "mlm")
+            loss = (1 - alpha) * means[0] + alpha * means[1]
             logits = logits_full[selected]
         else:
             logits = self.model.mlm_logits(hidden[selected])  # (M, V)
@@ -518,7 +541,7 @@ class Simla(PretrainMethod):
                 with torch.no_grad():
                     hidden_m = self.model_m.encode_multimodal(masked_ids, attn, image_tokens_m).text
                     soft = torch.softmax(self.model_m.mlm_logits(hidden_m[selected]).float(), dim=-1)
-            loss = mlm_loss(logits, targets, soft_targets=soft, alpha=alpha)
+            loss = mlm_loss(logits, targets, soft_targets=soft, alpha=alpha, name="mlm")  # global-batch mean
         accuracy = (logits.argmax(dim=-1) == targets).float().sum() / max(int(targets.numel()), 1)
         return loss, accuracy.detach()
 
@@ -550,7 +573,7 @@ class Simla(PretrainMethod):
                 states_m = self._image_queries(self.model_m, self.heads_m.mask_token, images, patch_mask,
                                                context_m, attn)
                 soft = torch.softmax(self.heads_m.mim_head(states_m[patch_mask]).float(), dim=-1)
-        loss = mlm_loss(logits, hard_targets, soft_targets=soft, alpha=alpha)
+        loss = mlm_loss(logits, hard_targets, soft_targets=soft, alpha=alpha, name="mim")  # global-batch mean
         accuracy = (logits.argmax(dim=-1) == hard_targets).float().sum() / max(int(hard_targets.numel()), 1)
         return loss, accuracy.detach()
 

@@ -93,7 +93,7 @@ class Uniter(RegionSingleStream, PretrainMethod):
     name = "uniter"
     config_class = UniterConfig
     inputs = frozenset({"images", "region_boxes", "region_labels", "region_feats", "image_ids"})
-    retrieval_protocols = ("itm_all",)
+    retrieval_protocols = ("itm_all", "itc_rerank")  # itc_rerank with method.first_stage only
     retrieval_finetune_overrides = ("method.task_mixing=sum", "method.task_weights.itm=1",
                                     "method.task_weights.mlm=0", "method.task_weights.mrc=0")
     demo_config = "demo_uniter"
@@ -119,6 +119,7 @@ class Uniter(RegionSingleStream, PretrainMethod):
         self.region_head = RegionClassifier(model.cfg.text.width, num_classes + 1, model.cfg.init_std)
         self.register_buffer("task_step", torch.zeros((), dtype=torch.long))
         self.check_task_mix()
+        self.init_first_stage()  # last: method.first_stage's head (a deviation, vlp.models.first_stage)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, model: VLModel, tokenizer: Any,
@@ -134,20 +135,34 @@ class Uniter(RegionSingleStream, PretrainMethod):
                    special_ids=tokenizer.special_ids, vocab_size=tokenizer.vocab_size, seed=cfg.train.seed)
 
     # ------------------------------------------------------------------------------ tasks
-    def mlm(self, batch: Batch, regions: RegionInputs) -> tuple[Tensor, Tensor]:
-        """MLM conditioned on the intact regions -> (loss, accuracy at the masked tokens)."""
+    def mlm_mask(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The MLM input: (masked_ids (B, T), labels (B, T), -100 = not predicted); keyed per sample."""
         ids, attn = batch.input_ids, batch.attention_mask
         eligible = attn.bool() & ~torch.isin(ids, self.special_ids)
-        masked_ids, labels = mask_tokens_at_least_one(  # a sample without a target masks its first real token
+        return mask_tokens_at_least_one(  # a sample without a target masks its first real token
             ids, eligible, self.special_ids, self.mask_id, self.vocab_size, self.cfg.mlm_prob,
             self._uniforms(batch, (ids.shape[1], 3), SALT_TEXT))
+
+    @torch.no_grad()
+    def token_counts(self, batch: Batch) -> dict[str, Tensor]:
+        """{"mlm": masked tokens of `batch`}, the rank's whole step batch, when this step runs MLM (the trainer
+        sums it over ranks: MLM is then the mean over the global batch's masked tokens however the step is cut
+        into micro-batches, `vlp.models.losses.global_token_mean`). Empty without sample keys."""
+        if batch.sample_keys is None or "mlm" not in self.tasks_to_run():
+            return {}
+        return {"mlm": (self.mlm_mask(batch)[1] != IGNORE_INDEX).sum()}
+
+    def mlm(self, batch: Batch, regions: RegionInputs) -> tuple[Tensor, Tensor]:
+        """MLM conditioned on the intact regions -> (loss, accuracy at the masked tokens)."""
+        attn = batch.attention_mask
+        masked_ids, labels = self.mlm_mask(batch)
         txt_h, _ = self.encode_joint_pair(self.word_vectors(masked_ids, attn), self.region_vectors(regions),
                                           regions.boxes, attn, regions.mask)
         selected = labels != IGNORE_INDEX
         logits = self.model.mlm_logits(txt_h[selected])
         targets = labels[selected]
         accuracy = (logits.argmax(-1) == targets).float().sum() / max(int(targets.numel()), 1)
-        return mlm_loss(logits, targets), accuracy.detach()
+        return mlm_loss(logits, targets, name="mlm"), accuracy.detach()  # global-batch mean
 
     def mrc(self, batch: Batch, regions: RegionInputs) -> tuple[Tensor, Tensor]:
         """Masked region classification conditioned on the intact text -> (loss, accuracy)."""
@@ -174,6 +189,10 @@ class Uniter(RegionSingleStream, PretrainMethod):
         for task, weight in run.items():
             parts[task], parts[f"{task}_acc"] = getattr(self, task)(batch, regions)
             loss = loss + weight * parts[task]
+        first_stage = self.first_stage_terms(batch, regions)  # {} unless method.first_stage
+        if first_stage:
+            parts.update(first_stage)
+            loss = loss + first_stage["first_stage"]
         real = regions.mask.float()
         labelled = ((regions.labels > 0).float() * real).sum(dim=1) / real.sum(dim=1).clamp_min(1.0)
         return {"loss": loss, **{k: v.detach() for k, v in parts.items()},

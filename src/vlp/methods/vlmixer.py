@@ -186,6 +186,11 @@ class VLMixer(RegionSingleStream, PretrainMethod):
         self.register_buffer("concept_table", table.class_token.clone(), persistent=False)
         self.register_buffer("tag_tokens", tag_tokens.long(), persistent=False)
         self.register_buffer("task_step", torch.zeros((), dtype=torch.long))
+        if cfg.first_stage:
+            raise ValueError("method.first_stage: VLMixer pre-trains on unpaired data, which has no (image, text) "
+                             "pairs to train a first retrieval stage on; drop the key (VLMixer ranks by ITM over "
+                             "all pairs)")
+        self.init_first_stage()  # None: sets the attribute the retrieval protocol choice reads
 
     @classmethod
     def from_config(cls, cfg: RunConfig, model: VLModel, tokenizer: Any,
@@ -286,17 +291,18 @@ class VLMixer(RegionSingleStream, PretrainMethod):
         txt_h, reg_h = self.encode_joint_pair(self.word_vectors(masked_ids, attn.long()),
                                               self.region_vectors(regions, hide=hidden), regions.boxes,
                                               attn.long(), regions.mask)
-        zero = reg_h.sum() * 0.0
+        # mlm_loss is a collective under DDP (the global count of positions): called on every rank even
+        # when this rank's batch has no position to predict (it is then exactly 0, attached to the graph)
         if self.cfg.image_objective == "tags_mrc" and self.cfg.loss_weights.tag != 0:
             selected = tag_labels != IGNORE_INDEX
             logits = self.model.mlm_logits(txt_h[selected])
             targets = tag_labels[selected]
-            parts["tag"] = mlm_loss(logits, targets) if targets.numel() else zero
+            parts["tag"] = mlm_loss(logits, targets)
             parts["tag_acc"] = ((logits.argmax(-1) == targets).float().sum() / max(int(targets.numel()), 1)).detach()
         if self.cfg.loss_weights.mrc != 0:
             logits = self.region_head(reg_h[hidden])
             targets = labels[hidden]
-            parts["mrc"] = mlm_loss(logits, targets) if targets.numel() else zero
+            parts["mrc"] = mlm_loss(logits, targets)
             parts["mrc_acc"] = ((logits.argmax(-1) == targets).float().sum() / max(int(targets.numel()), 1)).detach()
         return parts
 

@@ -17,7 +17,8 @@ re-exports them rather than the other way round.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -70,6 +71,71 @@ def all_gather_no_grad(x: Tensor) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x)
     return torch.cat(parts, dim=0)
+
+
+# ------------------------------------------------------------------ means over the global batch's positions
+class StepTokenTotals:
+    """The global count of the positions each named position-mean loss averages over in one optimiser step
+    (every rank, every accumulation micro-batch), set by the trainer around the step (`step_token_totals`).
+
+    `totals[name]` = that count (summed over ranks); `scale` = world_size x grad_accum, so that the trainer's
+    division by grad_accum and DDP's average over ranks leave the global mean. `seen[name]` sums this rank's
+    local counts as the losses report them, for the trainer's check that the method counted what it averages.
+    """
+
+    def __init__(self, totals: dict[str, Tensor], scale: int) -> None:
+        self.totals = totals
+        self.scale = scale
+        self.seen: dict[str, Tensor] = {}
+
+
+_STEP_TOTALS: StepTokenTotals | None = None
+
+
+@contextmanager
+def step_token_totals(totals: dict[str, Tensor], scale: int) -> Iterator[StepTokenTotals]:
+    """Within the block, `global_token_mean(..., name)` of a name in `totals` divides by that step total
+    (times `scale`) instead of all-reducing the count of its own micro-batch. Yields the `StepTokenTotals`."""
+    global _STEP_TOTALS
+    previous, _STEP_TOTALS = _STEP_TOTALS, StepTokenTotals(totals, scale)
+    try:
+        yield _STEP_TOTALS
+    finally:
+        _STEP_TOTALS = previous
+
+
+def global_token_mean(sums: Tensor, count: Tensor | int, name: str | None = None) -> Tensor:
+    """Sum(s) over this rank's positions -> this rank's share of the mean over the positions of all ranks.
+
+    A position-mean loss (MLM: cross-entropy over the masked tokens) computed as a per-rank mean weights a
+    token by 1 / (its rank's count): 2 ranks and 1 process on the same global batch then differ whenever
+    the ranks mask different numbers of tokens. Here the count is all-reduced (one collective, no grad) and
+    the result is `sums / global_count * world_size`: DDP's gradient average over ranks (and the logged mean
+    over ranks) then is exactly the mean over every rank's positions. Single-process it is `sums / count`,
+    bit for bit. Every rank must call it the same number of times (a collective), even with no position.
+
+    Under `step_token_totals` holding `name` (the trainer, for a method with `token_counts`), the divisor is
+    that step's global count over all accumulation micro-batches and no collective runs: the step's loss is
+    then the mean over the global batch's positions however it is cut into micro-batches.
+
+    Args:
+        sums: any shape, e.g. a scalar loss sum or a stack of several sums over the same positions.
+        count: this rank's number of positions (int or integer tensor).
+        name: the loss's name in the trainer's step totals (e.g. "mlm"), or None.
+
+    Returns:
+        `sums`' shape; 0 where no rank has a position.
+    """
+    count = torch.as_tensor(count, device=sums.device)
+    scope = _STEP_TOTALS
+    if scope is not None and name is not None and name in scope.totals:
+        scope.seen[name] = scope.seen[name] + count.detach() if name in scope.seen else count.detach()
+        return sums / scope.totals[name].to(sums.device).clamp_min(1) * scope.scale
+    if world_size() == 1:
+        return sums / count.clamp_min(1)
+    total = count.detach().to(torch.float64).clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return sums / total.to(sums.dtype).clamp_min(1) * world_size()
 
 
 # ------------------------------------------------------------------------------------------- ITC
@@ -378,8 +444,14 @@ def mlm_loss(
     labels: Tensor,
     soft_targets: Tensor | None = None,
     alpha: float = 0.0,
+    name: str | None = None,
 ) -> Tensor:
-    """Masked-language-model cross-entropy, mean over labelled positions (ALBEF eq. 3).
+    """Masked-language-model cross-entropy, mean over the labelled positions of the global batch (ALBEF eq. 3).
+
+    The mean is over every rank's labelled positions (`global_token_mean`; `name` selects the trainer's step
+    total, which extends it over the accumulation micro-batches): 2 ranks train exactly like 1 process with
+    the same global batch. Any position-mean classification over selected positions uses it the same way
+    (MIM over masked patches, MRC over masked regions, tag prediction).
 
     With `soft_targets` (momentum distillation, ALBEF eq. 6 for MLM): (1 - alpha) * CE + alpha * soft CE,
     where the soft CE (`soft_cross_entropy`, over the labelled positions) is -sum_v soft[v] log p[v] over
@@ -391,20 +463,24 @@ def mlm_loss(
         labels: (B, T) (or (M,)) long, -100 = not predicted.
         soft_targets: logits-shaped probabilities (e.g. softmax of momentum-model logits) or None.
         alpha: weight of the soft term.
+        name: the loss's name in the trainer's step totals (`step_token_totals`, e.g. "mlm"), or None.
 
     Returns:
-        scalar; exactly 0 (still attached to the graph) when no position is labelled.
+        scalar; exactly 0 (still attached to the graph) when no position of any rank is labelled. A
+        collective in a distributed run: every rank calls it, with or without labelled positions.
     """
     valid = labels != IGNORE_INDEX
-    count = valid.sum().clamp_min(1)
     log_probs = F.log_softmax(logits.float(), dim=-1)
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
     nll = -log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    loss = torch.where(valid, nll, torch.zeros_like(nll)).sum() / count
+    sums = [torch.where(valid, nll, torch.zeros_like(nll)).sum()]
     if soft_targets is not None:
         if soft_targets.shape != logits.shape:
             raise ValueError(f"soft_targets must have the logits' shape {tuple(logits.shape)}, "
                              f"got {tuple(soft_targets.shape)}")
-        soft = soft_cross_entropy(logits, soft_targets, dim=-1, valid=valid, log_probs=log_probs)
-        loss = (1.0 - alpha) * loss + alpha * soft
-    return loss
+        per_row = -(soft_targets.float() * log_probs).sum(dim=-1)  # soft_cross_entropy's rows
+        sums.append(torch.where(valid, per_row, torch.zeros_like(per_row)).sum())
+    means = global_token_mean(torch.stack(sums), valid.sum(), name)  # one count all-reduce for both terms
+    if soft_targets is None:
+        return means[0]
+    return (1.0 - alpha) * means[0] + alpha * means[1]

@@ -3,6 +3,9 @@
 ALBEF layout (Li et al. 2021): ViT image encoder, BERT text encoder, fusion encoder (cross-attention,
 or UNITER-style single stream), ITC projections with a learnable temperature, ITM and MLM heads.
 Methods own their losses and any momentum copies; this module only computes.
+
+`model.length_buckets` k > 1 runs the text encoder and the fusion on k sub-batches of similar caption length
+(`vlp.models.buckets`): same results to float rounding, zeros at text positions past a row's bucket length.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from vlp.config import MODEL_SIZE_DIR, ModelConfig, model_size
+from vlp.models.buckets import run_in_length_buckets
 from vlp.models.fusion import FusionEncoder, FusionOutput
 from vlp.models.heads import ITCProjection, ITMHead, MLMHead
 from vlp.models.minilm import load_minilm_into
@@ -53,7 +57,8 @@ class VLModel(nn.Module):
             )
         self.vision = VisionTransformer(cfg.vision)
         self.text = TextEncoder(cfg.text, vocab_size, pad_id,
-                                cross_dim=cfg.vision.width if cfg.text.cross_attention else None)
+                                cross_dim=cfg.vision.width if cfg.text.cross_attention else None,
+                                length_buckets=cfg.length_buckets)
         self.fusion = FusionEncoder(cfg.fusion, cfg.text.width, cfg.vision.width)
         self.vision_proj = ITCProjection(cfg.vision.width, cfg.embed_dim)
         self.text_proj = ITCProjection(cfg.text.width, cfg.embed_dim)
@@ -72,8 +77,22 @@ class VLModel(nn.Module):
         return self.vision(images)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """input_ids, attention_mask (B,T) -> unimodal text hidden states (B,T,D)."""
+        """input_ids, attention_mask (B,T) -> unimodal text hidden states (B,T,D) (per length bucket,
+        `length_buckets`)."""
         return self.text(input_ids, attention_mask)
+
+    @property
+    def length_buckets(self) -> int:
+        """k of `model.length_buckets`: the text encoder, the fusion and the single-stream joint pass run on
+        k sub-batches of similar caption length (`vlp.models.buckets`); 1 = the whole batch. Held by the text
+        encoder (which runs without this class in SIMLA's modes); setting it here sets it there."""
+        return self.text.length_buckets
+
+    @length_buckets.setter
+    def length_buckets(self, value: int) -> None:
+        if value < 1:
+            raise ValueError(f"length_buckets must be >= 1, got {value}: set model.length_buckets to 1 or more")
+        self.text.length_buckets = int(value)
 
     def image_embed(self, image_tokens: Tensor) -> Tensor:
         """image_tokens (B,1+P,Dv) -> L2-normalised ITC embedding of the CLS token (B,E)."""
@@ -105,11 +124,23 @@ class VLModel(nn.Module):
     def fuse(
         self, text_hidden: Tensor, attention_mask: Tensor, image_tokens: Tensor, image_mask: Optional[Tensor] = None
     ) -> FusionOutput:
-        """text_hidden (B,T,D), attention_mask (B,T), image_tokens (B,N,Dv), image_mask (B,N) or None = all valid."""
+        """text_hidden (B,T,D), attention_mask (B,T), image_tokens (B,N,Dv), image_mask (B,N) or None = all valid.
+
+        Runs per length bucket (`length_buckets`): fused text states past a row's bucket length are 0."""
         if self.shared_encoder:
             raise ValueError("this model fuses in its shared text encoder (model.text.cross_attention: true): "
                              "use encode_multimodal(input_ids, attention_mask, image_tokens)")
-        return self.fusion(text_hidden, attention_mask, image_tokens, image_mask)
+        if self.length_buckets == 1:
+            return self.fusion(text_hidden, attention_mask, image_tokens, image_mask)
+        text, image = run_in_length_buckets(self._fuse_rows, attention_mask, self.length_buckets, text=(text_hidden,),
+                                            rows=(image_tokens, image_mask))
+        return FusionOutput(text=text, image=image, cls=text[:, 0])
+
+    def _fuse_rows(self, attention_mask: Tensor, text_hidden: Tensor, image_tokens: Tensor,
+                   image_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """`fuse` of one bucket -> (fused text (b,L,D), fused image (b,N,D) or None)."""
+        out = self.fusion(text_hidden, attention_mask, image_tokens, image_mask)
+        return out.text, out.image
 
     def encode_multimodal(
         self, input_ids: Tensor, attention_mask: Tensor, image_tokens: Tensor, image_mask: Optional[Tensor] = None,
@@ -117,7 +148,7 @@ class VLModel(nn.Module):
     ) -> FusionOutput:
         """Shared encoder, multimodal mode (SIMLA, spec §1.1): the text (input_ids (B,T), or its embedding-layer
         output `embeddings` (B,T,D)) runs through every layer cross-attending to image_tokens (B,N,Dv)
-        -> FusionOutput(text (B,T,D), image None, cls (B,D))."""
+        -> FusionOutput(text (B,T,D), image None, cls (B,D)); per length bucket (`length_buckets`)."""
         if not self.shared_encoder:
             raise ValueError("encode_multimodal needs a shared text encoder (model.text.cross_attention: true)")
         x = self.text.embed(input_ids) if embeddings is None else embeddings

@@ -39,6 +39,8 @@ from torch import Tensor, nn
 
 from vlp.config import MethodConfig, RunConfig
 from vlp.models.anchors import RegionEmbedding, sample_uniform_index
+from vlp.models.buckets import run_in_length_buckets
+from vlp.models.first_stage import FirstStageHead
 from vlp.models.layers import BERT_LN_EPS
 from vlp.models.losses import itm_loss
 from vlp.models.model import VLModel
@@ -64,6 +66,11 @@ class RegionStreamConfig(MethodConfig):
     region_source: RegionSource = "pixels"  # images with boxes: RoIAlign of the pixels, or of the ViT grid
     region_pixels: int = Field(8, ge=1)  # 'pixels': s of the s x s RoIAlign bins per box (feature dim 3*s*s)
     grid_regions: int = Field(3, ge=1)  # images without boxes: a g x g grid of cells as regions (label 0)
+    # A cheap first retrieval stage (`vlp.models.first_stage`, a deviation, opt-in): a small bi-encoder on the
+    # detached slot vectors, trained by ITC beside the method without changing its updates. Retrieval then
+    # ranks by it and re-ranks the top eval.k_rerank by ITM ("itc_rerank"), linear in the set size.
+    first_stage: bool = False
+    first_stage_dim: int = Field(128, ge=1)  # its embedding width E
 
 
 class RegionClassifier(nn.Module):
@@ -170,6 +177,47 @@ class RegionSingleStream:
         if self.cfg.region_feat_dim > 0 or self.cfg.region_source == "pixels":
             prefixes.append("model.vision.")
         return prefixes
+
+    # ------------------------------------------------------------------------------ first retrieval stage
+    def init_first_stage(self) -> None:
+        """Build the first-stage head when `method.first_stage` (call LAST in the host's `__init__`: built
+        after every other module, it leaves their initial weights unchanged)."""
+        mcfg = self.model.cfg
+        self.first_stage = (FirstStageHead(mcfg.text.width, self.cfg.first_stage_dim, mcfg.fusion.heads,
+                                           mcfg.text.max_len, mcfg.init_std) if self.cfg.first_stage else None)
+
+    def separately_clipped(self) -> tuple[str, ...]:
+        """The first-stage head is clipped on its own (`vlp.models.first_stage`)."""
+        return ("first_stage.",) if self.first_stage is not None else ()
+
+    def first_stage_terms(self, batch: Batch, regions: RegionInputs) -> dict[str, Tensor]:
+        """{"first_stage": ITC loss, "first_stage_acc"} of the first-stage head on the batch's clean word and
+        region vectors (computed without gradient), or {} without the head. The host adds the loss (weight
+        1) to its own: no gradient of it reaches the method's parameters."""
+        if self.first_stage is None:
+            return {}
+        with torch.no_grad():
+            word_vecs = self.word_vectors(batch.input_ids, batch.attention_mask)
+            region_vecs = self.region_vectors(regions)
+        text_emb = self.first_stage.text_embed(word_vecs, batch.attention_mask)
+        image_emb = self.first_stage.image_embed(region_vecs, regions.boxes, regions.mask)
+        loss, accuracy = self.first_stage.loss(image_emb, text_emb, batch.image_ids)
+        return {"first_stage": loss, "first_stage_acc": accuracy}
+
+    def retrieval_protocols_for(self, itm_all: bool) -> tuple[str, ...]:
+        """With the first-stage head: "itc_rerank" (linear in the set size), plus "itm_all" when `eval.itm_all`
+        asks; without it: "itm_all" (UNITER's protocol)."""
+        if self.first_stage is None:
+            return ("itm_all",)
+        return ("itm_all", "itc_rerank") if itm_all else ("itc_rerank",)
+
+    def first_stage_image_embeds(self, region_vecs: Tensor, boxes: Tensor, region_mask: Tensor) -> Tensor:
+        """"itc_rerank" image embeddings (B, E) from `itm_pair_inputs` rows."""
+        return self.first_stage.image_embed(region_vecs, boxes, region_mask)
+
+    def first_stage_text_embeds(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """"itc_rerank" text embeddings (B, E)."""
+        return self.first_stage.text_embed(self.word_vectors(input_ids, attention_mask), attention_mask)
 
     # ------------------------------------------------------------------------------ task mixing
     def check_task_mix(self) -> None:
@@ -311,14 +359,23 @@ class RegionSingleStream:
 
         text   x^w = Dropout(LN(e^w + P[t] + S[0]))           (`TextEncoder.embed(word_embeds=...)`)
         region x^v = Dropout(LN(e^v + LN_p(W_p b) + S[1]))    (`RegionEmbedding.finish`, S = text type rows)
+
+        The encoder runs per length bucket (`model.length_buckets`, `vlp.models.buckets`): each bucket's
+        [text cut to its longest caption ; all N regions]; text states past a row's bucket length are 0.
         """
-        T = word_vecs.shape[1]
         x_w = self.model.text.embed(word_embeds=word_vecs)
         x_v = self.region_embed.finish(region_vecs, boxes, self.region_type())
+        return run_in_length_buckets(self._encode_joint_rows, attn, self.model.length_buckets, text=(x_w,),
+                                     rows=(x_v, region_mask))
+
+    def _encode_joint_rows(self, attn: Tensor, x_w: Tensor, x_v: Tensor, region_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The single-stream encoder over [x_w (b,L,d) ; x_v (b,N,d)] with masks attn (b,L), region_mask (b,N)
+        -> (text (b,L,d), regions (b,N,d))."""
+        L = x_w.shape[1]
         joint = torch.cat([x_w, x_v], dim=1)
         joint_mask = torch.cat([attn.bool(), region_mask.bool()], dim=1)
         out = self.model.fusion.encode_joint(joint, joint_mask)
-        return out[:, :T], out[:, T:]
+        return out[:, :L], out[:, L:]
 
     # ------------------------------------------------------------------------------ ITM
     def itm_rows(self, batch: Batch) -> tuple[Tensor, Tensor]:

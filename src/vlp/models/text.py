@@ -13,6 +13,10 @@ that width, used only when a `context` is passed: SIMLA's ONE shared encoder (sp
 BLIP `med.py` with `add_cross_attention` in every layer), run in "text" mode (no context: the ITC text
 encoder), "multimodal" mode (text queries attend to the image) and with image tokens as the queries
 (`embed_features`, attending to the text).
+
+With `length_buckets` k > 1 the Transformer stack runs on k sub-batches of similar caption length, each cut
+to its longest caption (`vlp.models.buckets`; config `model.length_buckets`): same states at real positions
+to float rounding, zeros past a row's bucket length.
 """
 
 from __future__ import annotations
@@ -23,16 +27,21 @@ import torch
 from torch import Tensor, nn
 
 from vlp.config import TextConfig
+from vlp.models.buckets import run_in_length_buckets
 from vlp.models.layers import BERT_LN_EPS, VIT_LN_EPS, Block
 
 
 class TextEncoder(nn.Module):
     """Token ids (B, T) -> hidden states (B, T, D), D = cfg.width."""
 
-    def __init__(self, cfg: TextConfig, vocab_size: int, pad_id: int = 0, cross_dim: Optional[int] = None) -> None:
+    def __init__(self, cfg: TextConfig, vocab_size: int, pad_id: int = 0, cross_dim: Optional[int] = None,
+                 length_buckets: int = 1) -> None:
         super().__init__()
+        if length_buckets < 1:
+            raise ValueError(f"length_buckets must be >= 1, got {length_buckets}: set model.length_buckets to 1 or more")
         self.cfg = cfg
         self.cross_dim = cross_dim
+        self.length_buckets = length_buckets  # sub-batches of similar length for the stack (module docstring)
         self.vocab_size, self.pad_id = vocab_size, pad_id
         D = cfg.width
         self.word_embeddings = nn.Embedding(vocab_size, D, padding_idx=pad_id)
@@ -96,8 +105,17 @@ class TextEncoder(nn.Module):
         context_mask: Optional[Tensor] = None,
     ) -> Tensor:
         """x (B,T,D) embeddings, attention_mask (B,T) 1 = real token -> hidden states (B,T,D); with
-        `context` (B,S,cross_dim) and `context_mask` (B,S) every layer cross-attends to it."""
+        `context` (B,S,cross_dim) and `context_mask` (B,S) every layer cross-attends to it.
+
+        With `length_buckets` > 1 and a mask, the stack runs per length bucket: positions past a row's
+        bucket length come back as 0 (every reader masks them)."""
         self._check_context(context)
+        return run_in_length_buckets(self._stack, attention_mask, self.length_buckets, text=(x,),
+                                     rows=(context, context_mask))
+
+    def _stack(self, attention_mask: Optional[Tensor], x: Tensor, context: Optional[Tensor],
+               context_mask: Optional[Tensor]) -> Tensor:
+        """The blocks and the final norm over x (b,L,D) with mask (b,L) [and context (b,S,·), mask (b,S)]."""
         for block in self.blocks:
             x = block(x, mask=attention_mask, context=context, context_mask=context_mask)
         return self.final_norm(x)

@@ -30,6 +30,8 @@ from vlp.data.records import NLVR2Record
 from vlp.tasks.common import ClassifierHead, RecordDataset, TaskModule, accuracy
 from vlp.types import Batch
 
+NLVR2_LABELS = ("false", "true")  # the head's classes, index = class id (= int(record.label))
+
 
 class NLVR2Dataset(RecordDataset):
     """`NLVR2Record`s -> items {"pair": [left, right]}.
@@ -126,4 +128,4 @@ def nlvr2_metrics(pred: Tensor, records: list[NLVR2Record]) -> dict[str, float]:
     return out
 
 
-__all__ = ["NLVR2Dataset", "NLVR2Task", "nlvr2_metrics"]
+__all__ = ["NLVR2_LABELS", "NLVR2Dataset", "NLVR2Task", "nlvr2_metrics"]

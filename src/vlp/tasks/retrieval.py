@@ -22,7 +22,9 @@ score. A constant score matrix therefore gives R@K = 0 for K below the number of
 NaN scores are treated as −inf (a NaN ground truth is a miss).
 
 Models without ITC (CMAL, UNITER-style single stream) use `evaluate_retrieval_itm_all` instead: the ITM
-score of every (image, text) pair ranks both directions (I·Tn forwards; small sets only).
+score of every (image, text) pair ranks both directions (I·Tn forwards; small sets only), or, with a first
+retrieval stage (`vlp.models.first_stage`, `method.first_stage`), `evaluate_retrieval_itc_rerank`: the first
+stage's cosine ranks and its top k per query are re-ranked by ITM, (I + Tn)·k forwards, as in step 2.
 
 Attribute-binding probes (world.md "Attribute binding must matter"), two-alternative forced choices
 scored against the pair's own image with the protocol's scoring function (ITC cosine under `itc/`, the
@@ -71,6 +73,7 @@ __all__ = [
     "evaluate_retrieval",
     "evaluate_method_retrieval",
     "evaluate_retrieval_itm_all",
+    "evaluate_retrieval_itc_rerank",
     "headline_r_mean",
     "retrieval_metrics",
     "retrieval_examples",
@@ -414,23 +417,23 @@ def _itm_pairs(
 
 
 def _rerank(
-    model: RetrievalModel,
     sims: Tensor,
-    image_tokens: Tensor,
-    text_hidden: Tensor,
-    attention_mask: Tensor,
     k_rerank: int,
     rerank_score: RerankScore,
-    batch_size: int,
-    device: torch.device,
-    amp_dtype: Optional[torch.dtype],
+    score_pairs: Callable[[Tensor, Tensor], Tensor],
 ) -> tuple[Tensor, Tensor, int]:
-    """ALBEF re-ranking (anchors §2, step 2): (score_i2t (I, Tn), score_t2i (Tn, I), #ITM forwards).
+    """ALBEF re-ranking (anchors §2, step 2): (score_i2t (I, Tn), score_t2i (Tn, I), #pairs scored).
 
-    The candidate pairs of both directions are de-duplicated before scoring (a pair found by both the
-    image's and the text's top-k is scored once: the model is in eval mode, so its score is the same).
+    The top `k_rerank` of `sims` (I, Tn) per image and per text are scored by `score_pairs(img_idx (P,),
+    txt_idx (P,)) -> (P,)` (ALBEF: its fusion ITM; single-stream methods: their ITM pass); "itm+itc" adds the
+    first-stage similarity (BLIP / LAVIS). Entries outside a query's top-k are -inf. The candidate pairs of
+    both directions are de-duplicated before scoring (a pair found by both the image's and the text's top-k
+    is scored once: the model is in eval mode, so its score is the same).
     """
+    if rerank_score not in ("itm", "itm+itc"):
+        raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {rerank_score!r}")
     n_images, n_texts = sims.shape
+    device = sims.device
     k_t, k_i = min(k_rerank, n_texts), min(k_rerank, n_images)
     top_txt = sims.topk(k_t, dim=1).indices  # (I, k_t)
     top_img = sims.T.topk(k_i, dim=1).indices  # (Tn, k_i)
@@ -440,14 +443,9 @@ def _rerank(
     t2i_img = top_img.reshape(-1)
     pair_ids = torch.cat([i2t_img * n_texts + i2t_txt, t2i_img * n_texts + t2i_txt])
     unique, inverse = torch.unique(pair_ids, return_inverse=True)
-    itm = _itm_pairs(
-        model, image_tokens, text_hidden, attention_mask,
-        unique // n_texts, unique % n_texts, batch_size, device, amp_dtype,
-    )
+    itm = score_pairs(unique // n_texts, unique % n_texts).to(device)
     if rerank_score == "itm+itc":
         itm = itm + sims.reshape(-1)[unique]
-    elif rerank_score != "itm":
-        raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {rerank_score!r}")
     scored = itm[inverse]
     n_i2t = i2t_img.numel()
     score_i2t = torch.full((n_images, n_texts), float("-inf"), device=device)
@@ -578,10 +576,11 @@ def compute_retrieval_scores(
         scores = RetrievalScores(sim_itc=sims.cpu())
 
         if k_rerank > 0:
-            s_i2t, s_t2i, forwards = _rerank(
-                model, sims, image_tokens, text_hidden, attention_mask,
-                k_rerank, rerank_score, batch_size, device, amp_dtype,
-            )
+            def fused_itm(img_idx: Tensor, txt_idx: Tensor) -> Tensor:
+                return _itm_pairs(model, image_tokens, text_hidden, attention_mask, img_idx, txt_idx,
+                                  batch_size, device, amp_dtype)
+
+            s_i2t, s_t2i, forwards = _rerank(sims, k_rerank, rerank_score, fused_itm)
             scores.score_i2t, scores.score_t2i, scores.itm_forwards = s_i2t.cpu(), s_t2i.cpu(), forwards
 
         for prefix, fields in (("hard", _hard_fields(rset)), ("probe", _probe_fields(rset))):
@@ -655,11 +654,7 @@ def retrieval_metrics(
     ):
         if pos is not None and neg is not None:
             metrics.update(pair_accuracy_metrics(pos, neg, key))
-    metrics["num_images"] = float(n_images)
-    metrics["num_texts"] = float(n_texts)
-    metrics["chance_r1"] = chance_recall(1, n_images)
-    metrics["itm_forwards"] = float(scores.itm_forwards)
-    return metrics
+    return _with_set_sizes(metrics, n_images, n_texts, scores.itm_forwards)
 
 
 def default_example_queries(img2txt: Sequence[Sequence[int]], num_queries: int) -> list[int]:
@@ -767,54 +762,156 @@ def evaluate_retrieval_itm_all(
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     n_images, n_texts = int(rset.images.shape[0]), int(rset.input_ids.shape[0])
-    boxes = getattr(rset, "region_boxes", None)
-    rmask = getattr(rset, "region_mask", None)
     with torch.no_grad():
-        parts: list[list[Tensor | None]] = []
-        for start in range(0, n_images, batch_size):
-            sl = slice(start, start + batch_size)
-            rows = (rset.images[sl].to(device),
-                    None if boxes is None else boxes[sl].to(device),
-                    None if rmask is None else rmask[sl].to(device))
-            if encode is not None:
-                with _autocast(device, amp_dtype):
-                    rows = tuple(encode(*rows))
-            parts.append(list(rows))
-        cache = [None if parts[0][j] is None else torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))]
-
-        def score_pairs(img_idx: Tensor, ids: Tensor, mask: Tensor, txt_idx: Tensor) -> Tensor:
-            out = torch.empty(img_idx.numel(), dtype=torch.float32)
-            for start in range(0, img_idx.numel(), batch_size):
-                i = img_idx[start : start + batch_size].to(device)
-                t = txt_idx[start : start + batch_size]
-                m = mask[t]
-                length = _real_length(m)
-                rows = [None if c is None else c[i] for c in cache]
-                with _autocast(device, amp_dtype):
-                    s = scorer(*rows, ids[t][:, :length].to(device), m[:, :length].to(device))
-                out[start : start + t.numel()] = s.detach().float().reshape(-1).cpu()
-            return out
-
+        cache = _image_rows(rset, encode, batch_size, device, amp_dtype)
         # all pairs, image-major: pair p = (p // Tn, p % Tn)
         img_idx = torch.arange(n_images).repeat_interleave(n_texts)
         txt_idx = torch.arange(n_texts).repeat(n_images)
-        score = score_pairs(img_idx, rset.input_ids, rset.attention_mask, txt_idx).view(n_images, n_texts)
+        score = _score_pair_rows(scorer, cache, img_idx, rset.input_ids, rset.attention_mask, txt_idx,
+                                 batch_size, device, amp_dtype).view(n_images, n_texts)
         metrics = {f"itm_all/{k}": v for k, v in recall_at_k(score, rset.txt2img, getattr(rset, "img2txt", None)).items()}
         forwards = n_images * n_texts
-        for key, fields in (("itm_all/hard_neg_acc", _hard_fields(rset)), ("itm_all/colour_probe_acc", _probe_fields(rset))):
-            if fields is None:
-                continue
-            p_img, pos_ids, pos_mask, neg_ids, neg_mask = fields
-            idx = torch.arange(p_img.numel())
-            pos = score_pairs(p_img.long().cpu(), pos_ids.cpu(), pos_mask.cpu(), idx)
-            neg = score_pairs(p_img.long().cpu(), neg_ids.cpu(), neg_mask.cpu(), idx)
-            metrics.update(pair_accuracy_metrics(pos, neg, key))
-            forwards += 2 * p_img.numel()
+        for key, fields in (("hard_neg_acc", _hard_fields(rset)), ("colour_probe_acc", _probe_fields(rset))):
+            if fields is not None:
+                pos, neg = _probe_pair_scores(scorer, cache, fields, batch_size, device, amp_dtype)
+                metrics.update(pair_accuracy_metrics(pos, neg, f"itm_all/{key}"))
+                forwards += 2 * pos.numel()
+    return _with_set_sizes(metrics, n_images, n_texts, forwards)
+
+
+def _with_set_sizes(metrics: dict[str, float], n_images: int, n_texts: int, forwards: float) -> dict[str, float]:
+    """`metrics` plus `num_images`, `num_texts`, `chance_r1` and `itm_forwards` (the keys every protocol reports)."""
     metrics["num_images"] = float(n_images)
     metrics["num_texts"] = float(n_texts)
     metrics["chance_r1"] = chance_recall(1, n_images)
     metrics["itm_forwards"] = float(forwards)
     return metrics
+
+
+def _image_rows(rset: RetrievalData, encode: Optional[Callable[..., Sequence[Tensor]]], batch_size: int,
+                device: torch.device, amp_dtype: Optional[torch.dtype]) -> list[Optional[Tensor]]:
+    """The per-image inputs of a pair scorer for every image of the set, computed once per image:
+    `encode(images, region_boxes, region_mask)` per chunk, or the raw rows when `encode` is None."""
+    boxes = getattr(rset, "region_boxes", None)
+    rmask = getattr(rset, "region_mask", None)
+    parts: list[list[Optional[Tensor]]] = []
+    for start in range(0, int(rset.images.shape[0]), batch_size):
+        sl = slice(start, start + batch_size)
+        rows = (rset.images[sl].to(device),
+                None if boxes is None else boxes[sl].to(device),
+                None if rmask is None else rmask[sl].to(device))
+        if encode is not None:
+            with _autocast(device, amp_dtype):
+                rows = tuple(encode(*rows))
+        parts.append(list(rows))
+    return [None if parts[0][j] is None else torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+
+def _score_pair_rows(scorer: Callable[..., Tensor], cache: Sequence[Optional[Tensor]], img_idx: Tensor,
+                     input_ids: Tensor, attention_mask: Tensor, txt_idx: Tensor, batch_size: int,
+                     device: torch.device, amp_dtype: Optional[torch.dtype]) -> Tensor:
+    """`scorer(*cache rows of img_idx, input_ids[txt_idx], attention_mask[txt_idx]) -> (P,)` float32 on CPU,
+    in chunks of `batch_size` pairs. Pairs run in order of text length and each chunk is cut to its longest
+    text (a single-stream pass costs ∝ text + regions; on the world this halves the padded tokens per pair,
+    issue 15); the scores come back in the input order."""
+    positions = torch.arange(1, attention_mask.shape[1] + 1)
+    text_len = (attention_mask.bool().cpu() * positions).amax(dim=1)  # (Tn,) last real column + 1
+    order = torch.argsort(text_len[txt_idx], stable=True)
+    out = torch.empty(img_idx.numel(), dtype=torch.float32)
+    for start in range(0, img_idx.numel(), batch_size):
+        chunk = order[start : start + batch_size]
+        i = img_idx[chunk].to(device)
+        t = txt_idx[chunk]
+        length = max(int(text_len[t].max()), 1)
+        rows = [None if c is None else c[i] for c in cache]
+        with _autocast(device, amp_dtype):
+            score = scorer(*rows, input_ids[t][:, :length].to(device), attention_mask[t][:, :length].to(device))
+        out[chunk] = score.detach().float().reshape(-1).cpu()
+    return out
+
+
+def _probe_pair_scores(scorer: Callable[..., Tensor], cache: Sequence[Optional[Tensor]],
+                       fields: tuple[Tensor, Tensor, Tensor, Tensor, Tensor], batch_size: int,
+                       device: torch.device, amp_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
+    """Pair scores (P,) of the true and the false text of P probe pairs against each pair's image."""
+    p_img, pos_ids, pos_mask, neg_ids, neg_mask = fields
+    p_img, idx = p_img.long().cpu(), torch.arange(p_img.numel())
+    pos = _score_pair_rows(scorer, cache, p_img, pos_ids.cpu(), pos_mask.cpu(), idx, batch_size, device, amp_dtype)
+    neg = _score_pair_rows(scorer, cache, p_img, neg_ids.cpu(), neg_mask.cpu(), idx, batch_size, device, amp_dtype)
+    return pos, neg
+
+
+# ============================================================================== first stage + ITM re-rank
+def evaluate_retrieval_itc_rerank(
+    scorer: Callable[..., Tensor],
+    image_embed: Callable[..., Tensor],
+    text_embed: Callable[[Tensor, Tensor], Tensor],
+    rset: RetrievalData,
+    k_rerank: int = 16,
+    batch_size: int = 128,
+    device: Optional[torch.device | str] = None,
+    encode: Optional[Callable[..., Sequence[Tensor]]] = None,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> dict[str, float]:
+    """Retrieval for a model without ITC but with a first stage (`vlp.models.first_stage`): rank by the first
+    stage's cosine, re-rank each query's top `k_rerank` by the ITM score (ALBEF / BLIP's two stages).
+
+    `encode` / `scorer` as in `evaluate_retrieval_itm_all` (per-image inputs once per image; ITM logits of
+    P pairs); `image_embed(*image rows) -> (B, E)` and `text_embed(input_ids, attention_mask) -> (B, E)` the
+    first stage's L2-normalised embeddings. Cost: I + Tn first-stage encodes and at most (I + Tn)·k ITM
+    passes (pairs proposed by both directions scored once), + 2H + 2P for the probes: linear in the set
+    size, where `evaluate_retrieval_itm_all` is quadratic. R@K with K > k_rerank is a lower bound (a ground
+    truth outside the first stage's top k is a miss), as for ALBEF's `itm/`.
+
+    Returns `itc/...` (the first stage alone) and `itm/...` (re-ranked) recalls and probe accuracies with
+    their intervals, in the keys of `evaluate_retrieval`, plus `num_images`, `num_texts`, `chance_r1`,
+    `itm_forwards`.
+    """
+    if k_rerank < 1:
+        raise ValueError(f"the first-stage protocol re-ranks the top k by ITM: eval.k_rerank must be >= 1, got {k_rerank}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    n_images, n_texts = int(rset.images.shape[0]), int(rset.input_ids.shape[0])
+    img2txt = getattr(rset, "img2txt", None)
+
+    def embed_texts(ids: Tensor, mask: Tensor) -> Tensor:
+        length = _real_length(mask)
+        out = []
+        for start in range(0, ids.shape[0], batch_size):
+            with _autocast(device, amp_dtype):
+                out.append(text_embed(ids[start : start + batch_size, :length].to(device),
+                                      mask[start : start + batch_size, :length].to(device)).float())
+        return torch.cat(out)
+
+    with torch.no_grad():
+        cache = _image_rows(rset, encode, batch_size, device, amp_dtype)
+        image_emb = []
+        for start in range(0, n_images, batch_size):
+            with _autocast(device, amp_dtype):
+                image_emb.append(image_embed(*[None if c is None else c[start : start + batch_size]
+                                               for c in cache]).float())
+        image_emb = torch.cat(image_emb)
+        sims = image_emb @ embed_texts(rset.input_ids, rset.attention_mask).T  # (I, Tn)
+
+        def itm(img_idx: Tensor, txt_idx: Tensor) -> Tensor:
+            return _score_pair_rows(scorer, cache, img_idx.cpu(), rset.input_ids, rset.attention_mask,
+                                    txt_idx.cpu(), batch_size, device, amp_dtype)
+
+        score_i2t, score_t2i, forwards = _rerank(sims, k_rerank, "itm", itm)
+        metrics = {f"itc/{k}": v for k, v in recall_at_k(sims.cpu(), rset.txt2img, img2txt).items()}
+        metrics.update({f"itm/{k}": v for k, v in recall_at_k(score_i2t.cpu(), rset.txt2img, img2txt,
+                                                                sim_t2i=score_t2i.cpu()).items()})
+        for key, fields in (("hard_neg_acc", _hard_fields(rset)), ("colour_probe_acc", _probe_fields(rset))):
+            if fields is None:
+                continue
+            p_img, pos_ids, pos_mask, neg_ids, neg_mask = fields
+            p_emb = image_emb[p_img.long().to(device)]
+            itc_pos = (p_emb * embed_texts(pos_ids, pos_mask)).sum(-1).cpu()
+            itc_neg = (p_emb * embed_texts(neg_ids, neg_mask)).sum(-1).cpu()
+            metrics.update(pair_accuracy_metrics(itc_pos, itc_neg, f"itc/{key}"))
+            pos, neg = _probe_pair_scores(scorer, cache, fields, batch_size, device, amp_dtype)
+            metrics.update(pair_accuracy_metrics(pos, neg, f"itm/{key}"))
+            forwards += 2 * pos.numel()
+    return _with_set_sizes(metrics, n_images, n_texts, forwards)
 
 
 # ============================================================================== by the method's protocol
@@ -836,10 +933,15 @@ def evaluate_method_retrieval(
       "itc"      ITC ranking of `method.itc_model` (`evaluate_retrieval` with k_rerank = 0);
       "itc_itm"  the same, ITC top-`k_rerank` re-ranked by ITM (ALBEF);
       "itm_all"  the ITM score of every pair (`evaluate_retrieval_itm_all` with `method.itm_pair_inputs`
-                 per image and `method.itm_pair_scores` per pair: UNITER / CMAL).
+                 per image and `method.itm_pair_scores` per pair: UNITER / CMAL; a method with
+                 `itm_all_from_text_states` (ALBEF) scores every pair through its cached text states);
+      "itc_rerank" the first stage of a single-stream method (`method.first_stage_image_embeds` /
+                 `first_stage_text_embeds`) ranks, its top-`k_rerank` are re-ranked by `itm_pair_scores`
+                 (`evaluate_retrieval_itc_rerank`, keys `itc/` and `itm/`).
 
     The method is put in eval mode for the call. Returns the union of the protocols' metrics (`itc/`,
-    `itm/`, `itm_all/` keys, plus `num_images`, `num_texts`, `chance_r1`, `itm_forwards` summed).
+    `itm/`, `itm_all/` keys, plus `num_images`, `num_texts`, `chance_r1`, `itm_forwards` summed over the
+    protocols and each protocol's own count as `itm/itm_forwards` / `itm_all/itm_forwards`).
     ValueError for an unknown protocol or an empty list (a method without a retrieval protocol)."""
     if not protocols:
         raise ValueError(f"{type(method).__name__} declares no retrieval protocol (retrieval_protocols is empty)")
@@ -851,12 +953,30 @@ def evaluate_method_retrieval(
                 part = evaluate_retrieval(method.itc_model, rset, batch_size=batch_size,
                                           k_rerank=k_rerank if protocol == "itc_itm" else 0,
                                           device=device, amp_dtype=amp_dtype)
+            elif protocol == "itm_all" and getattr(method, "itm_all_from_text_states", False):
+                # every pair re-ranked = all pairs, through the cached text states (ALBEF: each text is
+                # encoded once, not once per pair; the same ITM logits)
+                everything = max(int(rset.images.shape[0]), int(rset.input_ids.shape[0]))
+                scores = compute_retrieval_scores(method.itc_model, rset, batch_size=batch_size, k_rerank=everything,
+                                                  device=device, amp_dtype=amp_dtype)
+                part = {f"itm_all/{k[4:]}": v for k, v in
+                        retrieval_metrics(scores, rset.txt2img, getattr(rset, "img2txt", None)).items()
+                        if k.startswith("itm/")}
+                part["itm_forwards"] = float(scores.itm_forwards)
             elif protocol == "itm_all":
                 part = evaluate_retrieval_itm_all(method.itm_pair_scores, rset, batch_size=batch_size,
                                                   device=device, encode=method.itm_pair_inputs, amp_dtype=amp_dtype)
+            elif protocol == "itc_rerank":
+                part = evaluate_retrieval_itc_rerank(
+                    method.itm_pair_scores, method.first_stage_image_embeds, method.first_stage_text_embeds, rset,
+                    k_rerank=k_rerank, batch_size=batch_size, device=device, encode=method.itm_pair_inputs,
+                    amp_dtype=amp_dtype)
             else:
-                raise ValueError(f"unknown retrieval protocol '{protocol}' (known: itc, itc_itm, itm_all)")
-            forwards += part.pop("itm_forwards", 0.0)
+                raise ValueError(f"unknown retrieval protocol '{protocol}' (known: itc, itc_itm, itm_all, itc_rerank)")
+            count = part.pop("itm_forwards", 0.0)
+            forwards += count
+            if protocol != "itc":  # each protocol's own cost, next to its recalls (`itm/`, `itm_all/`)
+                part[f"{'itm_all' if protocol == 'itm_all' else 'itm'}/itm_forwards"] = count
             metrics.update(part)
     metrics["itm_forwards"] = forwards
     return metrics

@@ -313,7 +313,7 @@ def _is_intact(ckpt: Path) -> bool:
         return False
 
 
-def _checkpoint_step(ckpt: Path) -> Optional[int]:
+def checkpoint_step(ckpt: Path) -> Optional[int]:
     """The step of checkpoint `ckpt` from its manifest (trainer.pt for an older one); None if unreadable."""
     try:
         manifest = read_manifest(ckpt)
@@ -336,7 +336,7 @@ def _intact_fallback(ckpt: Path, damage: CheckpointError) -> Path:
     except CheckpointError as err:
         raise CheckpointError(f"{damage}; the previous checkpoint is damaged too ({err}): no intact checkpoint "
                               "to resume from") from None
-    step = _checkpoint_step(prev)
+    step = checkpoint_step(prev)
     message = (f"checkpoint {ckpt} is damaged ({damage}); using the previous intact checkpoint {prev}"
                f"{f' (step {step})' if step is not None else ''} instead")
     warnings.warn(message, stacklevel=3)
@@ -350,7 +350,7 @@ def last_checkpoint_note(out_dir: str | Path) -> str:
     for name in (CHECKPOINT, CHECKPOINT_PREV):
         ckpt = out_dir / name
         if (ckpt / MODEL_FILE).is_file():
-            step = _checkpoint_step(ckpt)
+            step = checkpoint_step(ckpt)
             return (f"the last finite checkpoint is {ckpt}{f' (step {step})' if step is not None else ''}: "
                     "resume from it (--resume) after the change")
     return f"no checkpoint was written to {out_dir} yet: restart the run after the change"
@@ -442,6 +442,18 @@ def _remove_checkpoint(path: Path) -> None:
     """Delete a checkpoint directory, its weights first: one half-removed by a crash is never taken for one."""
     (path / MODEL_FILE).unlink(missing_ok=True)
     shutil.rmtree(path)
+
+
+def remove_stale_previous(ckpt: str | Path) -> bool:
+    """Remove the `checkpoint.prev/` beside `ckpt`, the newest checkpoint of its run directory, which a resume
+    has just loaded intact: a kill between the swap and the removal left it, and with no later save (a run
+    resumed at its last step) nothing else would. Returns whether there was one."""
+    ckpt = Path(ckpt)
+    prev = ckpt.with_name(CHECKPOINT_PREV)
+    if ckpt.name != CHECKPOINT or not prev.is_dir():
+        return False
+    _remove_checkpoint(prev)
+    return True
 
 
 def _swap_into_place(out_dir: Path) -> Path:

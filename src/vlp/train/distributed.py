@@ -1,7 +1,8 @@
 """Rank / world-size queries and feature collectives for the trainer and methods.
 
-The gathers are implemented in `vlp.models.losses` (the losses need them, and `models/` may import only
-torch); this module is their home for `train/` and re-exports them, plus `all_reduce_mean` for logging.
+The gathers and `global_token_mean` (a position-mean loss, e.g. MLM, as the mean over every rank's positions)
+are implemented in `vlp.models.losses` (the losses need them, and `models/` may import only torch); this
+module is their home for `train/` and re-exports them, plus `all_reduce_mean` for logging.
 All functions are no-ops (return their input / 0 / 1) when no process group is initialised.
 """
 
@@ -11,9 +12,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vlp.models.losses import all_gather_no_grad, all_gather_with_grad, is_distributed, rank, world_size
+from vlp.models.losses import (
+    all_gather_no_grad,
+    all_gather_with_grad,
+    global_token_mean,
+    is_distributed,
+    rank,
+    step_token_totals,
+    world_size,
+)
 
-__all__ = ["is_distributed", "rank", "world_size", "all_gather_with_grad", "all_gather_no_grad", "all_reduce_mean"]
+__all__ = ["is_distributed", "rank", "world_size", "all_gather_with_grad", "all_gather_no_grad", "all_reduce_mean",
+           "global_token_mean", "step_token_totals"]
 
 
 @torch.no_grad()

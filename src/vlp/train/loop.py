@@ -9,6 +9,17 @@ Rows come from `StepSampler` (a pure function of the step), so a run of N steps 
 N - k steps bit for bit on CPU: the checkpoint stores model, optimiser, scheduler, GradScaler, every rank's
 RNG states and the step, and the data position follows from the step.
 
+Each micro-batch's loss is divided by grad_accum and DDP averages gradients over ranks, so a loss that is a
+mean over rows is the mean over the global batch. A position-mean loss (MLM over masked tokens: each row
+masks a different number) is too: it divides its sum by the positions of the whole step via
+`vlp.models.losses.global_token_mean`. A method announces those counts with `token_counts(batch) ->
+{name: count}` over this rank's whole step batch (ALBEF, SIMLA, UNITER: MLM / MIM); the trainer sums them over
+ranks before the micro-batches run and checks afterwards that the losses of that name averaged over exactly
+those positions. Without the announcement a position mean is over every rank's positions of one
+micro-batch: exact for any number of ranks, and the mean of the micro-batch means under grad_accum.
+
+A fresh run refuses a directory that already holds a run (`claim_out_dir`: resume it or overwrite it).
+
 Outputs under `out_dir`:
   metrics.jsonl   one JSON record per `log_every` steps (window means, averaged over ranks) and per eval
   config.yaml     the resolved config
@@ -26,6 +37,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -42,21 +54,30 @@ from tqdm.auto import tqdm
 
 from vlp.config import RunConfig, dump_config
 from vlp.data.datasets import distinct_images
+from vlp.data.skips import SKIPPED_FILE, DataError, SkipLedger, SkippingCollate, empty_batch, unwrap_worker_error
+from vlp.models.model import VLModel
 from vlp.train import launch
 from vlp.train.checkpoint import (
+    CHECKPOINT,
+    CHECKPOINT_PREV,
+    CHECKPOINT_TMP,
     METRICS_FILE,
+    MODEL_FILE,
     CheckpointError,
     NonFiniteError,
     capture_rng_state,
+    checkpoint_step,
     last_checkpoint_note,
     load_checkpoint,
     nonfinite_advice,
+    read_trainer_state,
+    remove_stale_previous,
     resolve_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
 from vlp.train.cpu import RuntimeInfo, configure_cpu
-from vlp.train.distributed import all_reduce_mean, is_distributed, rank, world_size
+from vlp.train.distributed import all_reduce_mean, is_distributed, rank, step_token_totals, world_size
 from vlp.train.optim import build_optimizer, build_scheduler
 from vlp.train.precision import autocast_dtype
 from vlp.train.sampler import StepBatchSampler, StepSampler, epoch_seed
@@ -65,6 +86,22 @@ from vlp.types import Batch
 logger = logging.getLogger("vlp.train")
 
 EvalFn = Callable[[nn.Module, int], dict]
+
+
+def compile_encoders(module: nn.Module, backend: str = "inductor") -> list[str]:
+    """`train.compile: encoders`: compile the ViT, text and fusion stacks of every `VLModel` inside `module`
+    in place (`nn.Module.compile`: parameter names and checkpoints are unchanged); returns the names of the
+    compiled submodules. The methods' own Python (masking, negatives, keyed randomness) stays eager: whole-
+    method compilation crashed on CPU inside the generated kernel for `mask_tokens` (issue 15)."""
+    compiled = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, VLModel):
+            for part in ("vision", "text", "fusion"):
+                encoder = getattr(sub, part, None)
+                if encoder is not None and any(True for _ in encoder.parameters()):
+                    encoder.compile(backend=backend)
+                    compiled.append(f"{name}.{part}" if name else part)
+    return compiled
 
 
 def seed_everything(seed: int) -> None:
@@ -132,13 +169,97 @@ def _read_metrics(source: Path) -> list[tuple[str, dict]]:
     return out
 
 
+def read_metrics(source: str | Path) -> list[dict]:
+    """The records of the metrics log `source` (train and eval, in order; none when it does not exist). A torn
+    last line is dropped with a warning, an unreadable earlier line is a CheckpointError."""
+    return [record for _, record in _read_metrics(Path(source))]
+
+
+class RunExistsError(CheckpointError):
+    """A fresh run was started in a directory that already holds one (neither resume nor overwrite asked)."""
+
+
+# What a run writes into its directory; a fresh run started with `overwrite` removes these first, so that no
+# checkpoint, metrics, TensorBoard event or evaluation of the old run mixes into the new one. config.yaml and
+# tokenizer.json are rewritten by every start.
+RUN_OUTPUTS = (CHECKPOINT, CHECKPOINT_PREV, CHECKPOINT_TMP, METRICS_FILE, METRICS_FILE + ".tmp", "tb", "eval.json",
+               "prepare.json", "runtime.json", "loss_curve.png", "retrieval_examples.png", SKIPPED_FILE)
+
+
+def existing_run(out_dir: str | Path) -> Optional[tuple[int, bool]]:
+    """(step, resumable) of the run `out_dir` already holds, None when it holds none.
+
+    A run is a checkpoint (`checkpoint/`, or `checkpoint.prev/` after a crash mid-swap; step = its step, and
+    resumable) or, without one, a metrics.jsonl with at least one record (step = its last record's; not
+    resumable: killed before its first checkpoint). An empty metrics.jsonl (a start that failed before step 1)
+    is no run."""
+    out_dir = Path(out_dir)
+    for name in (CHECKPOINT, CHECKPOINT_PREV):
+        ckpt = out_dir / name
+        if (ckpt / MODEL_FILE).is_file():
+            step = checkpoint_step(ckpt)
+            return (step if step is not None else -1), True
+    metrics = out_dir / METRICS_FILE
+    if not metrics.is_file():
+        return None
+    steps = [-1]
+    lines = [line for line in metrics.read_bytes().decode("utf-8", errors="replace").splitlines() if line.strip()]
+    for line in lines:
+        try:  # tolerant: a torn or damaged line still means that a run was here
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
+            steps.append(int(record["step"]))
+    return (max(steps), False) if lines else None
+
+
+def claim_out_dir(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Before a fresh (not resumed) run writes into `out_dir`: a `RunExistsError` when the directory already
+    holds a run (`existing_run`), unless `overwrite`, which removes that run's outputs (`RUN_OUTPUTS`) instead.
+
+    Collective in a distributed run (call it on every rank): rank 0 looks and removes, every rank raises."""
+    error: Optional[BaseException] = None
+    if rank() == 0:
+        try:
+            found = existing_run(out_dir)
+            if found is not None and not overwrite:
+                step, resumable = found
+                shown = f"step {step}" if step >= 0 else "step unknown"
+                if resumable:
+                    raise RunExistsError(f"{out_dir} already holds a run ({shown}); pass --resume {out_dir} to "
+                                         "continue it or --overwrite to start over")
+                raise RunExistsError(f"{out_dir} already holds a run ({shown}, killed before its first checkpoint: "
+                                     "nothing to resume); pass --overwrite to start over")
+            if found is not None:
+                logger.warning("%s held a run (step %d): removing its outputs (overwrite)", out_dir, found[0])
+                for name in RUN_OUTPUTS:
+                    path = Path(out_dir) / name
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    elif path.exists():
+                        path.unlink()
+        except BaseException as err:  # re-raised below, after telling the other ranks
+            error = err
+    if is_distributed():
+        status = [None if error is None else str(error)]
+        torch.distributed.broadcast_object_list(status, src=0)
+        if status[0] is not None and error is None:
+            raise RunExistsError(status[0])
+    if error is not None:
+        raise error
+
+
 class Trainer:
     """Train `method` on `dataset` following `cfg.train` (see the module docstring).
 
     Args:
         cfg: the resolved run config (`cfg.train` drives the loop, `cfg.data.num_workers` the loader).
         method: the method module (moved to the training device; wrapped in DDP when distributed).
-        dataset: map-style dataset; `collate_fn(list of items) -> Batch`.
+        dataset: map-style dataset; `collate_fn(list of items) -> Batch`. Or a stream with `step_stream(start_step,
+            end_step, per_rank, rank, world_size, num_workers) -> IterableDataset` and `stream_state(num_workers)`
+            (`vlp.data.shards.ShardDataset`): its items carry their own sample keys, and a resume continues it
+            at the step's sample as the sampler does for map-style data.
         out_dir: run directory (defaults to `cfg.train.out_dir`).
         eval_fn: `eval_fn(method, step) -> {name: number}`, called on rank 0 every `eval_every` steps and
             at the end with the unwrapped method in eval mode; its RNG use does not perturb training.
@@ -170,7 +291,13 @@ class Trainer:
         self.device = launch.select_device(tc.device)
         self.out_dir = Path(out_dir if out_dir is not None else tc.out_dir)
         self.dataset = dataset
-        self.collate_fn = collate_fn
+        self._streaming = callable(getattr(dataset, "step_stream", None))
+        # Items a dataset could not decode (`BadSample`s, data.skip_bad / task.skip_bad) are dropped from their
+        # batch onto `Batch.skipped` and counted in `skips` (skipped_records.json; refused beyond
+        # data.max_bad_fraction). Without bad items the wrapper is the collate function itself.
+        self.collate_fn = SkippingCollate(collate_fn)
+        self.skipping = bool(getattr(dataset, "skip_bad", False))
+        self.skips = SkipLedger(cfg.data.max_bad_fraction)
         self.eval_fn = eval_fn
         self.tokenizer_json = str(tokenizer_json) if tokenizer_json is not None else None
         if self.tokenizer_json is not None and not Path(self.tokenizer_json).is_file():
@@ -185,12 +312,20 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, tc)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # Heads trained on detached inputs (`PretrainMethod.separately_clipped`, e.g. a first retrieval stage)
+        # are clipped on their own, so that they cannot change the clipped update of the method's parameters.
+        side = tuple(method.separately_clipped()) if hasattr(method, "separately_clipped") else ()
+        side_ids = {id(p) for name, p in method.named_parameters() if side and name.startswith(side)}
+        self._clip_groups = [group for group in ([p for p in self._params if id(p) not in side_ids],
+                                                 [p for p in self._params if id(p) in side_ids]) if group]
         self.model: nn.Module = self.method
         # A method declares the trainable parameters a step may leave without a gradient
         # (`unused_parameters() -> set of names`); DDP only searches for unused ones when that set is
         # non-empty. Modules without the declaration (e.g. fine-tuning task modules) keep the search.
         declared = getattr(self.method, "unused_parameters", None)
         self.find_unused_parameters = True if declared is None else bool(declared())
+        if tc.compile == "encoders":
+            compile_encoders(self.method, tc.compile_backend)
         if is_distributed():
             # Buffers (queues, momentum copies) are kept identical by the methods themselves (gathered
             # updates): synced once at wrap, not every forward.
@@ -200,6 +335,8 @@ class Trainer:
                 find_unused_parameters=self.find_unused_parameters,
                 forward_sync_buffers=False,
             )
+        if tc.compile == "method":  # after the DDP wrap (torch's advice: DDP's hooks then see compiled graphs)
+            self.model = torch.compile(self.model, backend=tc.compile_backend)
         self.step = 0
         self._first_step = 0
         self.records: list[dict] = []
@@ -218,6 +355,11 @@ class Trainer:
         # A private generator: creating the loader must not draw from the global torch RNG (that would
         # make a resumed run diverge from a straight one).
         generator = torch.Generator().manual_seed(epoch_seed(self.cfg.train.seed + 7919 * self.rank, start_step))
+        if self._streaming:  # per_rank items per step from the stream's (rank, worker) share, resumed at start_step
+            stream = self.dataset.step_stream(start_step, self.cfg.train.steps, self.sampler.per_rank, self.rank,
+                                              self.world_size, workers)
+            return DataLoader(stream, batch_size=self.sampler.per_rank, collate_fn=self.collate_fn,
+                              num_workers=workers, generator=generator)
         return DataLoader(
             self.dataset,
             batch_sampler=StepBatchSampler(self.sampler, start_step, self.cfg.train.steps),
@@ -226,6 +368,13 @@ class Trainer:
             persistent_workers=workers > 0,
             generator=generator,
         )
+
+    def _data_state(self) -> dict:
+        """What fixes the data order (stored in checkpoints; a resume that changes it warns)."""
+        state = {**self.sampler.state(), "world_size": self.world_size, "grad_accum": self.cfg.train.grad_accum}
+        if self._streaming:  # a stream's order also follows its readers (data workers) and shards
+            state.update(self.dataset.stream_state(int(self.cfg.data.num_workers)))
+        return state
 
     def _metrics_path(self) -> Path:
         return self.out_dir / METRICS_FILE
@@ -239,10 +388,7 @@ class Trainer:
         (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
         (self.out_dir / "runtime.json").write_text(json.dumps(self.runtime.as_dict(), indent=2) + "\n")
         metrics = self._metrics_path()
-        if checkpoint_dir is None:
-            if (self.out_dir / "checkpoint").exists():
-                logger.warning("%s already holds a checkpoint; this fresh run will overwrite it "
-                               "(pass resume= to continue it instead)", self.out_dir)
+        if checkpoint_dir is None:  # a fresh run: `claim_out_dir` has refused or cleared an earlier one
             metrics.write_text("")
             return
         source = metrics if metrics.is_file() else checkpoint_dir / METRICS_FILE
@@ -264,7 +410,7 @@ class Trainer:
         step = int(state["step"])
         extra = state.get("extra", {})
         saved_data = extra.get("data", {})
-        current = {**self.sampler.state(), "world_size": self.world_size, "grad_accum": self.cfg.train.grad_accum}
+        current = self._data_state()
         changed = {k: (saved_data[k], v) for k, v in current.items() if k in saved_data and saved_data[k] != v}
         if changed:
             warnings.warn(
@@ -273,6 +419,9 @@ class Trainer:
                 + "; the run continues but is not step-exact",
                 stacklevel=3,
             )
+        used = Path(state["path"])
+        if self.rank == 0 and used.parent.resolve() == self.out_dir.resolve():
+            remove_stale_previous(used)  # the run's newest checkpoint loaded intact: an older one is stale
         rng_states = state.get("rng") or []
         if len(rng_states) == self.world_size:
             restore_rng_state(rng_states[self.rank])
@@ -292,33 +441,40 @@ class Trainer:
         """
         tc = self.cfg.train
         accum = tc.grad_accum
-        micro = self.sampler.micro_batch * rows_per_item
+        if len(batch) == 0:  # every item of the step was bad (--skip-bad)
+            return self._empty_step()
+        items = len(batch) // rows_per_item  # per_rank, or fewer when bad items were dropped (balanced micro-batches)
         batch = batch.to(self.device, non_blocking=True)
+        local_counts, global_counts = self._token_counts(batch)
         sums: dict[str, Tensor] = {}
-        for i in range(accum):
-            part = batch if accum == 1 else batch.slice(i * micro, (i + 1) * micro)
-            last = i == accum - 1
-            ddp = isinstance(self.model, DistributedDataParallel)
-            sync = self.model.no_sync() if ddp and not last else nullcontext()  # all-reduce on the last only
-            with sync:
-                with self._autocast():
-                    out = self.model(part)
-                if not isinstance(out, dict) or "loss" not in out:
-                    raise TypeError(
-                        f"{type(self.method).__name__}.forward must return a dict with a 'loss' entry, "
-                        f"got {type(out).__name__}{' with keys ' + str(list(out)) if isinstance(out, dict) else ''}"
-                    )
-                loss = out["loss"]
-                self.scaler.scale(loss / accum if accum > 1 else loss).backward()
-            for key, value in out.items():
-                v = _scalar(value, self.device)
-                sums[key] = sums[key] + v if key in sums else v
+        with step_token_totals(global_counts, self.world_size * accum) as totals:
+            for i in range(accum):
+                part = batch if accum == 1 else batch.slice(rows_per_item * (i * items // accum),
+                                                            rows_per_item * ((i + 1) * items // accum))
+                last = i == accum - 1
+                ddp = isinstance(getattr(self.model, "_orig_mod", self.model), DistributedDataParallel)  # compiled: its wrapped module
+                sync = self.model.no_sync() if ddp and not last else nullcontext()  # all-reduce on the last only
+                with sync:
+                    with self._autocast():
+                        out = self.model(part)
+                    if not isinstance(out, dict) or "loss" not in out:
+                        raise TypeError(
+                            f"{type(self.method).__name__}.forward must return a dict with a 'loss' entry, got "
+                            f"{type(out).__name__}{' with keys ' + str(list(out)) if isinstance(out, dict) else ''}"
+                        )
+                    loss = out["loss"]
+                    self.scaler.scale(loss / accum if accum > 1 else loss).backward()
+                for key, value in out.items():
+                    v = _scalar(value, self.device)
+                    sums[key] = sums[key] + v if key in sums else v
+        self._check_token_counts(local_counts, totals.seen)
         lr = float(self.optimizer.param_groups[0]["lr"])
         results = {k: (v / accum if accum > 1 else v) for k, v in sums.items()}
         if tc.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            grads = [p for p in self._params if p.grad is not None]
-            results["grad_norm"] = torch.nn.utils.clip_grad_norm_(grads, tc.grad_clip).detach().float()
+            norms = [torch.nn.utils.clip_grad_norm_([p for p in group if p.grad is not None], tc.grad_clip)
+                     for group in self._clip_groups]
+            results["grad_norm"] = norms[0].detach().float()  # the method's own parameters
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -328,6 +484,37 @@ class Trainer:
             on_step_end()
         return results, lr
 
+    def _token_counts(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(this rank's, all ranks') number of positions each named position-mean loss of the method averages
+        over in this step: the method's `token_counts(batch) -> {name: count}` over this rank's whole step
+        batch, summed over ranks (one all-reduce). Empty for a method without `token_counts`. The names must
+        be the same on every rank (they follow the config and the step, not the data)."""
+        count_positions = getattr(self.method, "token_counts", None)
+        if not callable(count_positions):
+            return {}, {}
+        with torch.no_grad():
+            local = {name: torch.as_tensor(count, device=self.device).long().reshape(())
+                     for name, count in sorted(count_positions(batch).items())}
+        if not local:
+            return {}, {}
+        summed = torch.stack(list(local.values()))
+        if is_distributed():
+            torch.distributed.all_reduce(summed, op=torch.distributed.ReduceOp.SUM)
+        return local, dict(zip(local, summed))
+
+    def _check_token_counts(self, local: dict[str, Tensor], seen: dict[str, Tensor]) -> None:
+        """A RuntimeError when the positions the method's losses averaged over this step (`seen`, by name) are
+        not those its `token_counts` announced: the losses would be divided by a wrong count."""
+        names = [name for name in seen if name in local]
+        if not names:
+            return
+        announced, averaged = torch.stack([local[n] for n in names]), torch.stack([seen[n].long() for n in names])
+        if not bool((announced == averaged).all()):
+            raise RuntimeError(
+                f"{type(self.method).__name__}.token_counts announced {dict(zip(names, announced.tolist()))} "
+                f"positions but its losses averaged over {dict(zip(names, averaged.tolist()))}: it must count the "
+                "positions the losses of that name average over in the whole step batch")
+
     @staticmethod
     def _rows_per_item(rows: int, items: int) -> int:
         """Rows each dataset item contributed to a collated batch (1 for pre-training; 2 for NLVR2 pairs)."""
@@ -335,6 +522,87 @@ class Trainer:
             raise ValueError(f"a batch of {items} items collated to {rows} rows: the collate function must give "
                              "every item the same number of rows")
         return rows // items
+
+    # ------------------------------------------------------------------------------- bad samples
+    def _next_batch(self, batches: Any) -> Batch:
+        """The next collated batch. An error raised in a DataLoader worker reaches the caller as the worker raised
+        it (`unwrap_worker_error`): a bad file gives the same one-line error with 0 or N data workers."""
+        try:
+            return next(batches)
+        except (ValueError, FileNotFoundError) as err:
+            original = unwrap_worker_error(err)
+            if original is err:
+                raise
+            raise original from None
+
+    def _usable(self, batch: Batch, step: int) -> tuple[Batch, Tensor]:
+        """Count the step's bad items (`batch.skipped`) in `self.skips`; returns the batch to train on and the
+        sample keys (items,) of its items.
+
+        A map-style batch's kept items are found by their dataset rows (`collate` puts each row's dataset index in
+        `sample_keys`; decoding is deterministic, so every occurrence of a bad row in a step is bad). A step in
+        which a rank kept fewer items than micro-batches (`train.grad_accum`) becomes empty on every rank (with
+        skipping on, the ranks agree by one all-reduce per step); `train_step` then changes no weight and the
+        step still counts (`_empty_step`)."""
+        keys = batch.sample_keys if self._streaming else self.sampler.rank_rows(step).keys
+        if batch.skipped and not self._streaming:
+            keys = keys[torch.isin(self.sampler.rank_rows(step).indices, batch.sample_keys.cpu())]
+        too_few, skipped = len(keys) < self.cfg.train.grad_accum, len(batch.skipped)
+        if self.skipping and is_distributed():
+            flags = torch.tensor([float(too_few), float(skipped)],
+                                 device=self.device if self.device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(flags)
+            too_few, skipped = bool(flags[0] > 0), int(flags[1])
+        self.skips.add(self.cfg.train.batch_size, batch.skipped, skipped)  # all ranks' samples and bad ones
+        if too_few and len(batch):
+            batch, keys = empty_batch(batch.skipped), keys[:0]
+        return batch, keys
+
+    def _empty_step(self) -> tuple[dict[str, Tensor], float]:
+        """The step of a batch without a usable item (all bad): no forward, no weight or method-state change, but
+        the LR schedule advances, so the step counts like any other and a resumed run stays exact."""
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # no optimizer.step() before it is intended here
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
+        return {}, lr
+
+    def _merged_skips(self) -> SkipLedger:
+        """`self.skips` with every rank's reasons and examples (collective in a distributed run; the totals are
+        already global)."""
+        if not is_distributed():
+            return self.skips
+        parts: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(parts, (self.skips.by_reason, self.skips.examples))
+        merged = SkipLedger(self.skips.max_fraction, self.skips.keep)
+        merged.seen, merged.skipped = self.skips.seen, self.skips.skipped
+        for by_reason, examples in parts:
+            merged.merge_reasons(examples, by_reason)
+        return merged
+
+    def _write_skips(self) -> SkipLedger:
+        """Rank 0 writes skipped_records.json (collective); returns the merged ledger."""
+        merged = self._merged_skips()
+        if self.rank == 0:
+            merged.write(self.out_dir)
+        return merged
+
+    def _judge_skips(self, final: bool) -> None:
+        """A `DataError` (one line: how many were bad, the limit, the first files, the fix), after writing
+        skipped_records.json, once more than data.max_bad_fraction of the samples were bad (`SkipLedger.over_limit`;
+        the same decision on every rank)."""
+        if self.skipping and self.skips.over_limit(final):
+            raise DataError(self._write_skips().refusal())
+
+    def _restore_skips(self, checkpoint_dir: Path, start: int) -> None:
+        """The ledger of the checkpoint resumed from (rank 0 takes the reasons, the others the totals only); a
+        checkpoint without one (written with skipping off) had seen start x batch samples, none bad."""
+        state = read_trainer_state(checkpoint_dir).get("extra", {}).get("skips")
+        if state:
+            self.skips.load_state_dict(state, reasons=self.rank == 0)
+        else:
+            self.skips.seen = start * self.cfg.train.batch_size
 
     def _emit(self, record: dict) -> None:
         """Keep a record, append it to metrics.jsonl and TensorBoard (rank 0)."""
@@ -369,6 +637,8 @@ class Trainer:
         )
         if self.device.type == "cuda":
             record["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.skipping:
+            record["skipped"] = self.skips.skipped  # bad samples so far (skipped_records.json)
         if not math.isfinite(record["loss"]):
             raise NonFiniteError(
                 f"non-finite loss ({record['loss']}) at step {self.step}: {last_checkpoint_note(self.out_dir)}; "
@@ -400,7 +670,8 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         tc = self.cfg.train
-        data = {**self.sampler.state(), "world_size": self.world_size, "grad_accum": tc.grad_accum}
+        data = self._data_state()
+        skips = {"skips": self._write_skips().state_dict()} if self.skipping else {}
         save_checkpoint(
             self.out_dir,
             self.method,
@@ -411,7 +682,8 @@ class Trainer:
             config=self.cfg,
             tokenizer_json=self.tokenizer_json,
             metrics_path=self._metrics_path() if self.rank == 0 else None,
-            extra={"epoch": self.sampler.epoch_at(self.step), "samples": self.step * tc.batch_size, "data": data},
+            extra={"epoch": self.sampler.epoch_at(self.step), "samples": self.step * tc.batch_size, "data": data,
+                   **skips},
         )
 
     # --------------------------------------------------------------------------------- fit
@@ -443,15 +715,25 @@ class Trainer:
         if self.rank == 0:
             (self.out_dir / "prepare.json").write_text(json.dumps(stats, indent=2))
 
-    def fit(self, resume: str | Path | None = None) -> list[dict]:
+    def fit(self, resume: str | Path | None = None, overwrite: bool = False) -> list[dict]:
         """Train to `cfg.train.steps`, optionally continuing the checkpoint at `resume` (a checkpoint
-        or run directory). Returns the records logged by this call (train and eval)."""
+        or run directory). Returns the records logged by this call (train and eval).
+
+        A fresh run (no `resume`) refuses a run directory that already holds a run (`RunExistsError`, see
+        `claim_out_dir`) unless `overwrite`, which removes the old run's outputs first."""
         tc = self.cfg.train
+        if resume is not None and overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run, overwrite "
+                             "starts it over")
+        if resume is None:
+            claim_out_dir(self.out_dir, overwrite)
         seed_everything(tc.seed + self.rank)
         start, checkpoint_dir = 0, None
         if resume is not None:
             resume = resolve_checkpoint(resume)
             start, checkpoint_dir = self._resume(resume)
+            if self.skipping:
+                self._restore_skips(checkpoint_dir, start)
         self.step = self._first_step = start
         self.records = []
         self._prepare_out_dir(start, checkpoint_dir)
@@ -499,17 +781,19 @@ class Trainer:
         try:
             for step in range(start, tc.steps):
                 wait_start = time.perf_counter()
-                batch = next(batches)
+                batch = self._next_batch(batches)
                 data_wait += time.perf_counter() - wait_start
-                keys = self.sampler.rank_rows(step).keys
-                rows_per_item = self._rows_per_item(len(batch), len(keys))
+                batch, keys = self._usable(batch, step)
+                self._judge_skips(final=step + 1 == tc.steps)
+                rows_per_item = self._rows_per_item(len(batch), len(keys)) if len(keys) else 1
                 batch.sample_keys = keys.repeat_interleave(rows_per_item) if rows_per_item > 1 else keys
                 out, lr = self.train_step(batch, rows_per_item)
                 self.step = step + 1
-                window.append(out)
+                if out:  # an all-bad step trains nothing and logs nothing
+                    window.append(out)
                 bar.update(1)
                 last = self.step == tc.steps
-                if self.step % log_every == 0 or last:
+                if (self.step % log_every == 0 or last) and window:
                     record = self._log(window, lr, time.perf_counter() - window_start, data_wait)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
                     if print_lines:
@@ -525,6 +809,11 @@ class Trainer:
                 if (eval_every and self.step % eval_every == 0) or last:
                     self._evaluate()
                 window_start += time.perf_counter() - pause_start  # checkpoint / eval time is not training
+            if self.skipping:  # the one-line summary (skipped_records.json holds the details)
+                merged = self._write_skips()
+                if self.rank == 0:
+                    (logger.warning if merged.skipped else logger.info)(
+                        "[%s] %s; details in %s", self.out_dir.name, merged.summary(), self.out_dir / SKIPPED_FILE)
         finally:
             torch.use_deterministic_algorithms(deterministic_before[0], warn_only=deterministic_before[1])
             bar.close()

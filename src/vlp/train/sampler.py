@@ -16,18 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
-KEY_SEED_STRIDE = 1 << 40  # room for 2**40 (epoch, row) pairs per seed before keys of two seeds could meet
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The 63-bit generator seed of epoch `epoch` (a SeedSequence hash of (seed, epoch))."""
-    entropy = [int(seed) & 0xFFFFFFFFFFFFFFFF, int(epoch)]
-    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
+from vlp.seeds import KEY_SEED_STRIDE, epoch_seed  # re-exported: the sampler's keys and epoch order
 
 
 @dataclass(frozen=True)

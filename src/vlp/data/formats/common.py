@@ -7,7 +7,10 @@ Every reader follows one error contract (issue "bring your own data"):
   * a problem with one record (unknown label, box outside the image, missing image, question without
     annotations, ...) raises naming the record id AND the file, unless the caller passed
     `skip_bad=True`: then the record is dropped and counted in `FormatData.skipped`, which keeps the
-    first few reasons so the user can still find and fix them.
+    first few reasons so the user can still find and fix them;
+  * an image that exists but cannot be decoded is found only when it is read: `FolderImages.load` raises
+    `vlp.data.skips.DataError` naming the file; consumers that can drop an image skip and count it when the
+    caller asks (`RetrievalSet.build(on_bad=...)`, `RecordPairDataset(skip_bad=True)`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Iterator
 from PIL import Image, UnidentifiedImageError
 
 from vlp.data.records import TaskData
+from vlp.data.skips import BadSample, DataError
 
 #: Split names recognised at the end of an annotation file name (`coco_karpathy_test.json` -> "test").
 KNOWN_SPLITS = ("train", "restval", "val", "dev", "test", "testA", "testB", "test1", "test2", "minival")
@@ -95,8 +99,9 @@ class FolderImages:
     as they are). `load` returns an RGB PIL image.
 
     Errors name the file: a missing image raises FileNotFoundError with the full path (and the record
-    when the caller passes `record=`), an undecodable one raises ValueError naming the file, because one
-    bad file in a 100k-image annotation list must be findable without a debugger.
+    when the caller passes `record=`), an undecodable one raises `DataError` (a ValueError; reason
+    "undecodable image") naming the file, because one bad file in a 100k-image annotation list must be
+    findable without a debugger.
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -124,9 +129,10 @@ class FolderImages:
                 img.load()
                 return img.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise ValueError(
-                f"cannot decode image {file}{which}: {exc}: re-export it or remove it from the annotation file"
-            ) from exc
+            raise DataError(BadSample(
+                "undecodable image", str(file),
+                f"cannot decode image {file}{which}: {exc}: re-export it or remove it from the annotation file",
+            )) from exc
 
     def __repr__(self) -> str:
         return f"FolderImages({str(self.root)!r})"
