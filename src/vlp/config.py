@@ -211,9 +211,10 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0)  # 0 = off
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # torch.compile (vlp.train.loop.compile_model): off (eager, the default: on this project's 2-core CPUs
-    # inductor compiled the encoders 1.12x slower after 250 s of compiling, issue 15), encoders (the ViT,
-    # text and fusion stacks, compiled in place: the CUDA choice), or method (the whole forward of a step)
+    # torch.compile (vlp.train.loop.compile_encoders): off (eager, the default: on this project's 2-core CPUs
+    # inductor compiled the encoders 1.12x slower after 250 s of compiling, as measured in issue 15),
+    # encoders (the ViT, text and fusion stacks, compiled in place: the CUDA choice), or method (the whole
+    # forward of a step)
     compile: Literal["off", "encoders", "method"] = "off"
     compile_backend: str = "inductor"  # torch.compile's backend ("eager" / "aot_eager" to debug a graph break)
     # torch intra-op threads per process; 0 = auto: the cores available (affinity mask) / processes on
