@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import subprocess
 import sys
 from functools import lru_cache
@@ -515,3 +516,23 @@ def test_required_objects_are_shrunk_when_they_do_not_fit():
     tall = _PlannedObject(1, "red", "large", "filled", False, 58, 40)  # two can never share 64 px
     placed = _place(np.random.default_rng(0), [tall, tall], required=1, image_size=64)
     assert len(placed) == 1  # an optional object without room is dropped, never shrunk
+
+
+def test_render_cache_returns_what_a_fresh_render_gives():
+    """World's LRU cache of rendered samples: a hit equals a fresh render, images are read-only, lists are
+    the caller's own, the cache is bounded and is not pickled."""
+    cached = World(seed=3, image_size=64, sizes={"train": 100}, cache_mb=1)
+    fresh = World(seed=3, image_size=64, sizes={"train": 100}, cache_mb=0)
+    first, again = cached.split("train")[7], cached.split("train")[7]
+    reference = fresh.split("train")[7]
+    assert np.array_equal(again.image, reference.image) and again.captions == reference.captions
+    assert not again.image.flags.writeable and fresh.split("train")[7].image.flags.writeable
+    again.captions.append("mutated")
+    assert cached.split("train")[7].captions == reference.captions and first is not again
+    assert cached.cache_entries == 2**20 // (3 * 64 * 64 + 4096) == 64
+    for i in range(100):
+        cached.split("train")[i]
+    assert len(cached._cache) == 64 and (("train", 99) in cached._cache) and (("train", 0) not in cached._cache)
+    assert len(pickle.loads(pickle.dumps(cached))._cache) == 0
+    with pytest.raises(ValueError, match="cache_mb"):
+        World(cache_mb=-1)

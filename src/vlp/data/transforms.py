@@ -58,7 +58,7 @@ def image_to_tensor(
     if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
         raise ValueError(f"mean and std need 3 channels with std > 0, got mean={mean} std={std}")
     array = _as_uint8_hwc(image, size)
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).to(torch.float32).div_(255.0)
+    tensor = torch.tensor(np.ascontiguousarray(array)).permute(2, 0, 1).to(torch.float32).div_(255.0)  # a copy: cached images are read-only
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return tensor.sub_(mean_t).div_(std_t)

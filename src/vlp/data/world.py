@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import operator
 import time
+from collections import OrderedDict
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import overload
@@ -963,9 +964,12 @@ class WorldSplit(Sequence[WorldSample]):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(self._length))]
         position = self._resolve(index)
+        cached = self.world.cached_sample(self.name, position)
+        if cached is not None:
+            return cached
         scene = build_scene(self.world.seed, self.name, position, self.world.image_size)
         image = None if self.name == "unpaired_text" else render_scene(scene)
-        return WorldSample(
+        return self.world.keep_sample(WorldSample(
             index=position,
             split=self.name,
             scene_id=scene.scene_id,
@@ -977,7 +981,7 @@ class WorldSplit(Sequence[WorldSample]):
             image_size=scene.image_size,
             scene=scene,
             colour_probe=scene.colour_probe,
-        )
+        ))
 
     def __iter__(self) -> Iterator[WorldSample]:
         for position in range(self._length):
@@ -1002,9 +1006,17 @@ class WorldSplit(Sequence[WorldSample]):
 
 class World:
     """The procedural image-text world (world.md). `World(seed, image_size, sizes)`; `sizes`
-    overrides split lengths (defaults in `DEFAULT_SPLIT_SIZES`)."""
+    overrides split lengths (defaults in `DEFAULT_SPLIT_SIZES`).
 
-    def __init__(self, seed: int = 0, image_size: int = 64, sizes: dict[str, int] | None = None) -> None:
+    Rendered samples are kept in a per-process LRU cache of up to `cache_mb` MiB of pixels (0 = off): a
+    small paired budget reads each image once per caption and epoch (the demo's 16 k pairs of 3,200 images:
+    ~7 renders each over 350 steps), so a cached sample costs a dictionary lookup instead of a render
+    (issue 15, "Repeated work"). A sample is a pure function of (seed, split, index), so a hit equals a fresh
+    render; its image is read-only and its lists are copied per call. The cache is not pickled (a spawned
+    DataLoader worker starts with an empty one)."""
+
+    def __init__(self, seed: int = 0, image_size: int = 64, sizes: dict[str, int] | None = None,
+                 cache_mb: int = 256) -> None:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or not (
@@ -1018,9 +1030,39 @@ class World:
             if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
                 raise ValueError(f"size of split {name!r} must be a non-negative int, got {length!r}")
             merged[name] = int(length)
+        if isinstance(cache_mb, bool) or not isinstance(cache_mb, (int, np.integer)) or cache_mb < 0:
+            raise ValueError(f"cache_mb must be a non-negative int (MiB of rendered pixels; 0 = no cache), got {cache_mb!r}")
         self.seed = int(seed)
         self.image_size = int(image_size)
         self.sizes = merged
+        # entries: the pixels of one sample plus ~4 KiB for its scene, captions and lists
+        self.cache_entries = int(cache_mb) * 2**20 // (3 * self.image_size ** 2 + 4096)
+        self._cache: OrderedDict[tuple[str, int], WorldSample] = OrderedDict()
+
+    def cached_sample(self, split: str, index: int) -> WorldSample | None:
+        """A copy of the cached sample (split, index), or None (`World` docstring)."""
+        sample = self._cache.get((split, index))
+        if sample is None:
+            return None
+        self._cache.move_to_end((split, index))
+        return replace(sample, objects=list(sample.objects), captions=list(sample.captions),
+                       hard_pairs=list(sample.hard_pairs), relations=list(sample.relations))
+
+    def keep_sample(self, sample: WorldSample) -> WorldSample:
+        """Cache a freshly rendered sample (its image made read-only), evicting the least recently used."""
+        if self.cache_entries <= 0:
+            return sample
+        if sample.image is not None:
+            sample.image.setflags(write=False)
+        self._cache[(sample.split, sample.index)] = sample
+        if len(self._cache) > self.cache_entries:
+            self._cache.popitem(last=False)
+        return self.cached_sample(sample.split, sample.index)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cache"] = OrderedDict()
+        return state
 
     @property
     def held_out_combos(self) -> tuple[tuple[str, str], ...]:
