@@ -13,13 +13,13 @@ def test_phase_lines_count_phases_and_the_eta_follows_measured_durations(monkeyp
     monkeypatch.setattr("vlp.demo.time.time", lambda: now[0])
     out = io.StringIO()
     progress = DemoProgress(pretrainings=2, finetunes=3, stream=out)
-    # before anything finished: the guesses (2 x 150 s + 3 x 15 s = 345 s)
-    assert progress.begin("pretrain", "pre-training albef") == "[demo 1/5 · 0m00s · ETA 5m45s] pre-training albef"
-    now[0] += 100.0
-    progress.end("pretrain")  # measured: 100 s per pre-training
+    # before anything finished: the guesses (2 x 100 s + 3 x 11 s = 233 s)
+    assert progress.begin("pretrain", "pre-training albef") == "[demo 1/5 · 0m00s · ETA 3m53s] pre-training albef"
+    now[0] += 80.0
+    progress.end("pretrain")  # measured: 80 s per pre-training
     line = progress.begin("pretrain", "pre-training cmal")
-    assert line == "[demo 2/5 · 1m40s · ETA 2m25s] pre-training cmal"  # 1 x 100 + 3 x 15
-    now[0] += 100.0
+    assert line == "[demo 2/5 · 1m20s · ETA 1m53s] pre-training cmal"  # 1 x 80 + 3 x 11
+    now[0] += 80.0
     progress.end("pretrain")
     progress.begin("finetune", "fine-tuning albef on ve")
     now[0] += 10.0
