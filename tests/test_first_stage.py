@@ -15,6 +15,7 @@ from test_method_contract import contract_config
 from vlp.build import world_class_words
 from vlp.config import build_config
 from vlp.data.datasets import PairDataset, RetrievalSet, collate
+from vlp.finetune import build_backbone
 from vlp.methods import build_method
 from vlp.models.first_stage import FirstStageHead, masked_mean
 from vlp.models.model import VLModel
@@ -70,9 +71,37 @@ def test_protocols_follow_the_config(name, tok):
     assert method.separately_clipped() == ("first_stage.",)
 
 
-def test_vlmixer_refuses_a_first_stage(tok):
+def test_vlmixer_trains_a_first_stage_only_on_pairs(world, tok):
+    """Unpaired pre-training cannot train a first stage (refused); paired retrieval fine-tuning (ITM weight > 0)
+    trains it on its batches."""
     with pytest.raises(ValueError, match="unpaired"):
         build("vlmixer", tok)
+    base = first_stage_config("vlmixer", True).model_dump(mode="json")
+    base["method"]["loss_weights"] = {"itm": 1.0, "mlm": 0.0, "cmcl": 0.0, "tag": 0.0, "mrc": 0.0}
+    cfg = build_config(base, source="test:vlmixer")
+    torch.manual_seed(0)
+    method = build_method(cfg, VLModel(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id), tok,
+                          class_words=world_class_words()).train()
+    data = PairDataset(world.split("train"), tok, 40, max_words=40)
+    batch = collate([data[i * 5] for i in range(8)])
+    batch.sample_keys = torch.arange(8)
+    out = method(batch)
+    assert {"itm", "first_stage"} <= set(out)
+    assert out["loss"].item() == pytest.approx((out["itm"] + out["first_stage"]).item(), rel=1e-5)
+    assert method.retrieval_protocols_for(itm_all=False) == ("itc_rerank",)
+
+
+def test_a_fine_tune_may_add_a_first_stage_to_a_checkpoint_without_one(world, tok, tmp_path):
+    """`build_backbone`: the head's keys may be missing from the checkpoint (it starts fresh); any other
+    missing key is still an error."""
+    data = PairDataset(world.split("train"), tok, 40, max_words=40)
+    tok.save(tmp_path / "tokenizer.json")
+    cfg, method = build("uniter", tok, first_stage=False, steps=1)
+    Trainer(cfg, method, data, collate, tmp_path / "pre", tokenizer_json=str(tmp_path / "tokenizer.json")).fit()
+    ft = build_config(first_stage_config("uniter", True).model_dump(mode="json"),
+                      [f"task.checkpoint={tmp_path / 'pre'}"])
+    backbone, _ = build_backbone(ft)
+    assert backbone.first_stage is not None
 
 
 @pytest.mark.parametrize("name", ["cmal", "uniter"])

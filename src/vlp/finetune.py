@@ -54,7 +54,7 @@ from vlp.taskdata import check_region_features, file_retrieval_set, retrieval_fi
 from vlp.tasks.common import RecordDataset, TaskModule, predictions, task_collate
 from vlp.tasks.registry import TASKS
 from vlp.train import launch
-from vlp.train.checkpoint import METRICS_FILE, load_model_weights
+from vlp.train.checkpoint import METRICS_FILE, CheckpointError, load_model_weights
 from vlp.train.cpu import configure_cpu
 from vlp.train.launch import select_device
 from vlp.train.loop import Trainer, claim_out_dir, read_metrics
@@ -108,7 +108,12 @@ def build_backbone(cfg: RunConfig) -> tuple[nn.Module, TextTokenizer]:
     path = checkpoint_dir(cfg.task.checkpoint)
     tokenizer = TextTokenizer.load(path / "tokenizer.json")
     method = build_run_method(cfg, tokenizer)
-    load_model_weights(path, method)
+    fresh = tuple(method.separately_clipped())  # heads on detached inputs (a first retrieval stage) may start
+    missing, unexpected = load_model_weights(path, method, strict=not fresh)  # fresh in a fine-tune
+    unexplained = [k for k in missing if not k.startswith(fresh)]
+    if unexplained or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match {type(method).__name__} (missing: "
+                              f"{', '.join(unexplained[:8]) or '-'}; not in the model: {', '.join(unexpected[:8]) or '-'})")
     return method, tokenizer
 
 

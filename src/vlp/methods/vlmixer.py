@@ -186,11 +186,11 @@ class VLMixer(RegionSingleStream, PretrainMethod):
         self.register_buffer("concept_table", table.class_token.clone(), persistent=False)
         self.register_buffer("tag_tokens", tag_tokens.long(), persistent=False)
         self.register_buffer("task_step", torch.zeros((), dtype=torch.long))
-        if cfg.first_stage:
+        if cfg.first_stage and cfg.loss_weights.itm == 0:
             raise ValueError("method.first_stage: VLMixer pre-trains on unpaired data, which has no (image, text) "
-                             "pairs to train a first retrieval stage on; drop the key (VLMixer ranks by ITM over "
-                             "all pairs)")
-        self.init_first_stage()  # None: sets the attribute the retrieval protocol choice reads
+                             "pairs to train a first retrieval stage on; add it in paired retrieval fine-tuning "
+                             "(vlp finetune retrieval --set method.first_stage=true), where ITM trains on pairs")
+        self.init_first_stage()  # last: trained on the paired batches of retrieval fine-tuning only
 
     @classmethod
     def from_config(cls, cfg: RunConfig, model: VLModel, tokenizer: Any,
@@ -343,12 +343,15 @@ class VLMixer(RegionSingleStream, PretrainMethod):
                                     / max(int(targets.numel()), 1)).detach()
         if self.cfg.image_objective != "none" and (w.tag != 0 or w.mrc != 0):
             parts.update(self.image_only(batch, regions))
-        if w.itm != 0:
+        if w.itm != 0:  # paired batches (retrieval fine-tuning): ITM, and the first stage when configured
             parts["itm"], parts["itm_acc"] = self.itm(batch, regions)
+            parts.update(self.first_stage_terms(batch, regions))
         loss = zero
         for key in ("mlm", "cmcl", "tag", "mrc", "itm"):
             if key in parts:
                 loss = loss + getattr(w, key) * parts[key]
+        if "first_stage" in parts:  # weight 1: its gradient stays in the head (vlp.models.first_stage)
+            loss = loss + parts["first_stage"]
         return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 
 
