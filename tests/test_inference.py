@@ -175,6 +175,7 @@ def test_predictions_are_what_vlp_eval_scores(task, finetuned, tmp_path, capsys)
     names in task.json, and the task's own metric of the predicted classes = the run's test score."""
     run = finetuned(task)
     assert json.loads((run / "task.json").read_text()) == {"task": task, "labels": LABELS[task]}
+    assert (run / "checkpoint" / "task.json").read_text() == (run / "task.json").read_text()  # travels with it
     out = tmp_path / "preds" / f"{task}.jsonl"
     assert main(["predict", task, "--run", str(run), "--out", str(out)]) == 0
     assert f"wrote 6 predictions to {out}" in capsys.readouterr().out
@@ -210,6 +211,8 @@ def test_a_finetune_without_task_json_still_loads(finetuned, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(finetuned("vqa"), old)
     (old / "task.json").unlink()
+    (old / "checkpoint" / "task.json").unlink()
+    (old / "checkpoint" / "manifest.json").unlink()  # an older vlp wrote neither
     model = vlp.load(old)
     assert model.task == "vqa" and model.labels == vqa_answer_vocab()
     pretrained = vlp.load(json.loads((old / "eval.json").read_text())["checkpoint"])

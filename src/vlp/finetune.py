@@ -188,7 +188,7 @@ def finetune(task: str | None = None, checkpoint: str | Path | None = None, conf
             return evaluate(trained, trainer.device)
 
         trainer = Trainer(cfg, module, train_set, collate_fn, out_dir, eval_fn=eval_fn,
-                          tokenizer_json=str(out_dir / "tokenizer.json"))
+                          tokenizer_json=str(out_dir / "tokenizer.json"), side_files=[out_dir / TASK_FILE])
         records = trainer.fit(resume=resume)
         if rank == 0:
             # a resume of a finished run evaluates nothing: its final evaluation is in metrics.jsonl
@@ -275,10 +275,10 @@ def evaluate_task(run: str | Path, overrides: list[str] | None = None) -> dict[s
 
 # ------------------------------------------------------------------------------------------ task.json
 def write_task_info(out_dir: Path, cfg: RunConfig, data: TaskData | None) -> None:
-    """`<run>/task.json` = {"task": name, "labels": the head's class names (index = class id) or null}: what
-    predictions on new data need besides the weights (`vlp predict`, `vlp.load`), e.g. the VQA answer
-    vocabulary, which otherwise would have to be rebuilt from the training annotations. REC and retrieval
-    have no classes (null)."""
+    """`<run>/task.json` (also copied into every checkpoint) = {"task": name, "labels": the head's class names
+    (index = class id) or null}: what predictions on new data need besides the weights (`vlp predict`,
+    `vlp.load`), e.g. the VQA answer vocabulary, which otherwise would have to be rebuilt from the training
+    annotations. REC and retrieval have no classes (null)."""
     spec = TASKS.get(cfg.task.name)
     labels = spec.labels(cfg, data) if spec is not None and data is not None else None
     (out_dir / TASK_FILE).write_text(json.dumps({"task": cfg.task.name, "labels": labels}, indent=1))

@@ -39,7 +39,7 @@ import shutil
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -426,7 +426,7 @@ def _write_trainer_state(tmp: Path, state: dict[str, Any]) -> None:
 
 
 def _write_side_files(tmp: Path, config: Optional[RunConfig], tokenizer_json: Optional[str | Path],
-                      metrics_path: Optional[str | Path]) -> None:
+                      metrics_path: Optional[str | Path], side_files: Sequence[str | Path] = ()) -> None:
     if config is not None:
         _write_bytes(tmp / CONFIG_FILE, dump_config(config).encode())
     if tokenizer_json is not None:
@@ -434,6 +434,10 @@ def _write_side_files(tmp: Path, config: Optional[RunConfig], tokenizer_json: Op
         if not src.is_file():
             raise CheckpointError(f"tokenizer file to store in the checkpoint not found: {src}")
         _write_bytes(tmp / TOKENIZER_FILE, src.read_bytes())
+    for file in map(Path, side_files):  # what inference needs besides the weights (e.g. a fine-tune's task.json)
+        if not file.is_file():
+            raise CheckpointError(f"file to store in the checkpoint not found: {file}")
+        _write_bytes(tmp / file.name, file.read_bytes())
     if metrics_path is not None and Path(metrics_path).is_file():
         _write_bytes(tmp / METRICS_FILE, Path(metrics_path).read_bytes())
 
@@ -485,6 +489,7 @@ def save_checkpoint(
     tokenizer_json: Optional[str | Path] = None,
     metrics_path: Optional[str | Path] = None,
     extra: Optional[dict[str, Any]] = None,
+    side_files: Sequence[str | Path] = (),
 ) -> Path:
     """Atomically write `<out_dir>/checkpoint/` (see the module docstring); returns its path.
 
@@ -517,7 +522,7 @@ def save_checkpoint(
                 "extra": dict(extra or {}),
             }
             _write_trainer_state(tmp, trainer_state)
-            _write_side_files(tmp, config, tokenizer_json, metrics_path)
+            _write_side_files(tmp, config, tokenizer_json, metrics_path, side_files)
             _write_manifest(tmp, step)
             _fsync_path(tmp)
             _swap_into_place(out_dir)

@@ -43,7 +43,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -265,6 +265,7 @@ class Trainer:
             at the end with the unwrapped method in eval mode; its RNG use does not perturb training.
             It must not use collectives (the other ranks wait at a barrier).
         tokenizer_json: path of the tokenizer file copied into every checkpoint.
+        side_files: other files copied into every checkpoint (a fine-tune's task.json), under their names.
 
     After construction `optimizer`, `scheduler`, `scaler`, `sampler`, `device` and `model` (the DDP
     wrapper or the method itself) are available; `fit()` runs the loop.
@@ -279,6 +280,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         eval_fn: Optional[EvalFn] = None,
         tokenizer_json: str | Path | None = None,
+        side_files: Sequence[str | Path] = (),
     ) -> None:
         tc = cfg.train
         if tc.steps <= 0:
@@ -300,6 +302,7 @@ class Trainer:
         self.skips = SkipLedger(cfg.data.max_bad_fraction)
         self.eval_fn = eval_fn
         self.tokenizer_json = str(tokenizer_json) if tokenizer_json is not None else None
+        self.side_files = tuple(side_files)
         if self.tokenizer_json is not None and not Path(self.tokenizer_json).is_file():
             raise FileNotFoundError(f"tokenizer file not found: {self.tokenizer_json}")
         self.sampler = StepSampler(len(dataset), tc.batch_size, self.world_size, self.rank, tc.grad_accum, tc.seed)
@@ -681,6 +684,7 @@ class Trainer:
             scaler=self.scaler,
             config=self.cfg,
             tokenizer_json=self.tokenizer_json,
+            side_files=self.side_files,
             metrics_path=self._metrics_path() if self.rank == 0 else None,
             extra={"epoch": self.sampler.epoch_at(self.step), "samples": self.step * tc.batch_size, "data": data,
                    **skips},
