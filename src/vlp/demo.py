@@ -34,7 +34,10 @@ DOWNSTREAM_METRICS = {"ve": ("VE_acc", "test/acc"), "rec": ("REC_acc", "test/gt_
 DEMO_FINETUNE = ["train.steps=80", "train.batch_size=16", "train.warmup_steps=8", "train.log_every=40",
                  "task.train_size=1280", "task.eval_size=250", "task.eval_splits=[test]"]
 
-DEMO_TASKS = ("ve", "rec", "vqa")
+# The tasks a bare `vlp demo` fine-tunes: those the world decides by the image. World VQA is decided by the
+# question (its question-only floor, 37.7, beats every start after the demo's 80 steps), so the demo leaves it
+# to `--tasks ... vqa` and `vlp report`, which keeps the demo within 5 minutes on 2 cores (issue 15).
+DEMO_TASKS = ("ve", "rec")
 
 
 
