@@ -64,6 +64,7 @@ from vlp.finetune import build_task, read_task_info
 from vlp.methods import PretrainMethod
 from vlp.taskdata import task_data
 from vlp.tasks.common import TaskModule, task_collate
+from vlp.tasks.retrieval import fused_itm_pairs, score_pair_rows
 from vlp.tasks.registry import TASKS
 from vlp.train.checkpoint import MODEL_FILE, load_model_weights
 from vlp.train.launch import select_device
@@ -263,35 +264,25 @@ class InferenceModel:
 
     @torch.no_grad()
     def _itm_matrix(self, pixels: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
-        """ITM matched-class logits (I, T) of every (image, text) pair, image-major in chunks of `batch_size`
-        pairs (each cut to its longest text). Per-image inputs are computed once per image: the method's
-        `itm_pair_inputs` (grid-cell regions for region methods) scored by `itm_pair_scores` ("itm_all"), or
-        the ITC towers' outputs fused by `itc_model.fuse` + `itm_logits` (a method with "itc_itm" only)."""
+        """ITM matched-class logits (I, T) of every (image, text) pair, through retrieval's own pair scoring
+        (chunks of `batch_size` pairs in order of text length): the method's `itm_pair_inputs` once per image
+        (grid-cell regions for region methods) scored by `itm_pair_scores` (`score_pair_rows`, "itm_all"), or
+        the ITC towers' outputs fused by `itc_model.fuse` + `itm_logits` (`fused_itm_pairs`, "itc_itm" only)."""
         method, bs = self.method, self.batch_size
+        n_images, n_texts = pixels.shape[0], ids.shape[0]
+        img_idx = torch.arange(n_images).repeat_interleave(n_texts)
+        txt_idx = torch.arange(n_texts).repeat(n_images)
         if "itm_all" in type(method).retrieval_protocols:
             parts = [method.itm_pair_inputs(pixels[s : s + bs], None, None) for s in range(0, pixels.shape[0], bs)]
             rows = [None if parts[0][j] is None else torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))]
-
-            def pair_scores(i: Tensor, t: Tensor, length: int) -> Tensor:
-                return method.itm_pair_scores(*[None if r is None else r[i] for r in rows],
-                                              ids[t, :length], mask[t, :length])
+            scores = score_pair_rows(method.itm_pair_scores, rows, img_idx, ids, mask, txt_idx, bs, self.device, None)
         else:
             model = method.itc_model
             tokens = torch.cat([model.encode_image(pixels[s : s + bs]).tokens for s in range(0, pixels.shape[0], bs)])
             hidden = torch.cat([model.encode_text(ids[s : s + bs], mask[s : s + bs]) for s in range(0, ids.shape[0], bs)])
-
-            def pair_scores(i: Tensor, t: Tensor, length: int) -> Tensor:
-                return model.itm_logits(model.fuse(hidden[t, :length], mask[t, :length], tokens[i]).cls)[:, 1]
-
-        n_images, n_texts = pixels.shape[0], ids.shape[0]
-        img_idx = torch.arange(n_images, device=self.device).repeat_interleave(n_texts)
-        txt_idx = torch.arange(n_texts, device=self.device).repeat(n_images)
-        lengths = mask.sum(dim=1)
-        out = []
-        for s in range(0, img_idx.numel(), bs):
-            i, t = img_idx[s : s + bs], txt_idx[s : s + bs]
-            out.append(pair_scores(i, t, max(int(lengths[t].max()), 1)).float().reshape(-1))
-        return torch.cat(out).view(n_images, n_texts).cpu()
+            scores = fused_itm_pairs(model, tokens, hidden, mask, img_idx.to(self.device), txt_idx.to(self.device),
+                                     bs, self.device, None)
+        return scores.float().view(n_images, n_texts).cpu()
 
     def score_matrix(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str],
                      by: Optional[str] = None) -> Tensor:

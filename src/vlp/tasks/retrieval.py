@@ -74,6 +74,8 @@ __all__ = [
     "evaluate_method_retrieval",
     "evaluate_retrieval_itm_all",
     "evaluate_retrieval_itc_rerank",
+    "fused_itm_pairs",
+    "score_pair_rows",
     "headline_r_mean",
     "retrieval_metrics",
     "retrieval_examples",
@@ -379,7 +381,7 @@ def _encode_texts(
     return torch.cat(hidden), torch.cat(embeds)
 
 
-def _itm_pairs(
+def fused_itm_pairs(
     model: RetrievalModel,
     image_tokens: Tensor,
     text_hidden: Tensor,
@@ -541,8 +543,8 @@ def _score_pairs(
     if not with_itm:
         return itc_pos, itc_neg, None, None
     idx = torch.arange(p_img.numel(), device=device)  # pair p = (image p_img[p], text p)
-    itm_pos = _itm_pairs(model, image_tokens, pos_hidden, pos_mask, p_img, idx, batch_size, device, amp_dtype).cpu()
-    itm_neg = _itm_pairs(model, image_tokens, neg_hidden, neg_mask, p_img, idx, batch_size, device, amp_dtype).cpu()
+    itm_pos = fused_itm_pairs(model, image_tokens, pos_hidden, pos_mask, p_img, idx, batch_size, device, amp_dtype).cpu()
+    itm_neg = fused_itm_pairs(model, image_tokens, neg_hidden, neg_mask, p_img, idx, batch_size, device, amp_dtype).cpu()
     return itc_pos, itc_neg, itm_pos, itm_neg
 
 
@@ -577,7 +579,7 @@ def compute_retrieval_scores(
 
         if k_rerank > 0:
             def fused_itm(img_idx: Tensor, txt_idx: Tensor) -> Tensor:
-                return _itm_pairs(model, image_tokens, text_hidden, attention_mask, img_idx, txt_idx,
+                return fused_itm_pairs(model, image_tokens, text_hidden, attention_mask, img_idx, txt_idx,
                                   batch_size, device, amp_dtype)
 
             s_i2t, s_t2i, forwards = _rerank(sims, k_rerank, rerank_score, fused_itm)
@@ -712,7 +714,7 @@ def retrieval_examples(
         cand = sims.topk(n_cand, dim=1).indices  # (Q, n_cand)
         txt_idx = torch.arange(len(queries), device=device).repeat_interleave(n_cand)
         img_idx = cand.reshape(-1)
-        itm = _itm_pairs(model, image_tokens, text_hidden, mask, img_idx, txt_idx, batch_size, device, amp_dtype)
+        itm = fused_itm_pairs(model, image_tokens, text_hidden, mask, img_idx, txt_idx, batch_size, device, amp_dtype)
         itm = itm.view(len(queries), n_cand)
         if rerank_score == "itm+itc":
             itm = itm + sims.gather(1, cand)
@@ -767,7 +769,7 @@ def evaluate_retrieval_itm_all(
         # all pairs, image-major: pair p = (p // Tn, p % Tn)
         img_idx = torch.arange(n_images).repeat_interleave(n_texts)
         txt_idx = torch.arange(n_texts).repeat(n_images)
-        score = _score_pair_rows(scorer, cache, img_idx, rset.input_ids, rset.attention_mask, txt_idx,
+        score = score_pair_rows(scorer, cache, img_idx, rset.input_ids, rset.attention_mask, txt_idx,
                                  batch_size, device, amp_dtype).view(n_images, n_texts)
         metrics = {f"itm_all/{k}": v for k, v in recall_at_k(score, rset.txt2img, getattr(rset, "img2txt", None)).items()}
         forwards = n_images * n_texts
@@ -807,7 +809,7 @@ def _image_rows(rset: RetrievalData, encode: Optional[Callable[..., Sequence[Ten
     return [None if parts[0][j] is None else torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
-def _score_pair_rows(scorer: Callable[..., Tensor], cache: Sequence[Optional[Tensor]], img_idx: Tensor,
+def score_pair_rows(scorer: Callable[..., Tensor], cache: Sequence[Optional[Tensor]], img_idx: Tensor,
                      input_ids: Tensor, attention_mask: Tensor, txt_idx: Tensor, batch_size: int,
                      device: torch.device, amp_dtype: Optional[torch.dtype]) -> Tensor:
     """`scorer(*cache rows of img_idx, input_ids[txt_idx], attention_mask[txt_idx]) -> (P,)` float32 on CPU,
@@ -836,8 +838,8 @@ def _probe_pair_scores(scorer: Callable[..., Tensor], cache: Sequence[Optional[T
     """Pair scores (P,) of the true and the false text of P probe pairs against each pair's image."""
     p_img, pos_ids, pos_mask, neg_ids, neg_mask = fields
     p_img, idx = p_img.long().cpu(), torch.arange(p_img.numel())
-    pos = _score_pair_rows(scorer, cache, p_img, pos_ids.cpu(), pos_mask.cpu(), idx, batch_size, device, amp_dtype)
-    neg = _score_pair_rows(scorer, cache, p_img, neg_ids.cpu(), neg_mask.cpu(), idx, batch_size, device, amp_dtype)
+    pos = score_pair_rows(scorer, cache, p_img, pos_ids.cpu(), pos_mask.cpu(), idx, batch_size, device, amp_dtype)
+    neg = score_pair_rows(scorer, cache, p_img, neg_ids.cpu(), neg_mask.cpu(), idx, batch_size, device, amp_dtype)
     return pos, neg
 
 
@@ -893,7 +895,7 @@ def evaluate_retrieval_itc_rerank(
         sims = image_emb @ embed_texts(rset.input_ids, rset.attention_mask).T  # (I, Tn)
 
         def itm(img_idx: Tensor, txt_idx: Tensor) -> Tensor:
-            return _score_pair_rows(scorer, cache, img_idx.cpu(), rset.input_ids, rset.attention_mask,
+            return score_pair_rows(scorer, cache, img_idx.cpu(), rset.input_ids, rset.attention_mask,
                                     txt_idx.cpu(), batch_size, device, amp_dtype)
 
         score_i2t, score_t2i, forwards = _rerank(sims, k_rerank, "itm", itm)
