@@ -57,6 +57,7 @@ from vlp.models.losses import (
     world_size,
 )
 from vlp.methods.base import PretrainMethod
+from vlp.models.fusion import ImageKV
 from vlp.models.model import VLModel
 from vlp.models.momentum import FeatureQueue, ema_update_, itc_distillation, momentum_copy
 from vlp.models.rng import sample_uniforms
@@ -138,6 +139,9 @@ class Albef(PretrainMethod):
                              "(the queue holds momentum-model features)")
         if not 0.0 <= cfg.momentum < 1.0:
             raise ValueError(f"method.momentum must be in [0, 1), got {cfg.momentum}")
+        if model.fusion.cfg.type != "cross":
+            raise ValueError(f"ALBEF fuses by cross-attention from text to image tokens: model.fusion.type must be "
+                             f"'cross', got {model.fusion.cfg.type!r} (the single-stream methods are uniter and cmal)")
         self.model = model
         self.cfg = cfg
         self.mask_id = int(mask_id)
@@ -263,15 +267,19 @@ class Albef(PretrainMethod):
             parts["itc"] = zero
 
         # ------------------------------------------------------------------------------------ ITM
+        # The fusion passes (ITM's three, MLM's) share one K/V projection of each image (`ImageKV`)
+        image_kv: Optional[ImageKV] = None
         if weights.itm != 0:
-            parts["itm"], parts["itm_acc"] = self._itm(
+            parts["itm"], parts["itm_acc"], image_kv = self._itm(
                 batch, image_tokens, text_hidden, attn, image_emb, text_emb, temp, image_ids, ids_global)
         else:
             parts["itm"], parts["itm_acc"] = zero, zero.detach()
 
         # ------------------------------------------------------------------------------------ MLM
         if weights.mlm != 0:
-            parts["mlm"], parts["mlm_acc"] = self._mlm(batch, image_tokens, image_tokens_m, alpha)
+            local = torch.arange(size, device=device)  # this rank's images: rows 0..B-1 of the ITM projection
+            images = image_kv.take(local) if image_kv is not None else self.model.image_kv(image_tokens)
+            parts["mlm"], parts["mlm_acc"] = self._mlm(batch, images, image_tokens_m, alpha)
         else:
             parts["mlm"], parts["mlm_acc"] = zero, zero.detach()
 
@@ -294,8 +302,12 @@ class Albef(PretrainMethod):
         temp: Tensor,
         image_ids: Tensor,
         ids_global: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        """ITM over B positives + 2B hard negatives drawn from the global batch; returns (loss, accuracy)."""
+    ) -> tuple[Tensor, Tensor, ImageKV]:
+        """ITM over B positives + 2B hard negatives drawn from the global batch; returns (loss, accuracy, the
+        images' K/V projection, whose rows 0..B-1 are this rank's images: MLM reuses them).
+
+        The images are projected to the fusion K/V once: this rank's B (one process: the negatives are among
+        them), plus the B drawn negatives when distributed (they may live on other ranks)."""
         size = image_tokens.shape[0]
         with torch.no_grad():
             if self.cfg.itm_hard_negatives:
@@ -313,20 +325,25 @@ class Albef(PretrainMethod):
             length = int(all_gather_no_grad(torch.tensor([length], device=attn.device)).max())
         text_hidden = pad_length(text_hidden, length)
         attn = pad_length(attn, length)
-        image_tokens_all = all_gather_with_grad(image_tokens)
         text_hidden_all = all_gather_with_grad(text_hidden)
         attn_all = all_gather_no_grad(attn)
+        local = torch.arange(size, device=attn.device)
+        if world_size() > 1:  # negatives from every rank: project them after this rank's images
+            images = self.model.image_kv(torch.cat([image_tokens, all_gather_with_grad(image_tokens)[neg_image]]))
+            neg_rows = local + size
+        else:
+            images, neg_rows = self.model.image_kv(image_tokens), neg_image
 
         fused = self.model.fuse(
             torch.cat([text_hidden, text_hidden, text_hidden_all[neg_text]]),
             torch.cat([attn, attn, attn_all[neg_text]]),
-            torch.cat([image_tokens, image_tokens_all[neg_image], image_tokens]),
+            images.take(torch.cat([local, neg_rows, local])),
         )
         logits = self.model.itm_logits(fused.cls)  # (3B, 2)
         labels = torch.cat([torch.ones(size, dtype=torch.long, device=logits.device),
                             torch.zeros(2 * size, dtype=torch.long, device=logits.device)])
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
-        return itm_loss(logits, labels), accuracy
+        return itm_loss(logits, labels), accuracy, images
 
     @torch.no_grad()
     def token_counts(self, batch: Batch) -> dict[str, Tensor]:
@@ -349,13 +366,14 @@ class Albef(PretrainMethod):
                            self.cfg.mlm_prob, uniforms=uniforms)
 
     def _mlm(
-        self, batch: Batch, image_tokens: Tensor, image_tokens_m: Tensor | None, alpha: float
+        self, batch: Batch, images: ImageKV, image_tokens_m: Tensor | None, alpha: float
     ) -> tuple[Tensor, Tensor]:
-        """Image-conditioned MLM (+ momentum soft targets); returns (loss, accuracy over masked tokens)."""
+        """Image-conditioned MLM (+ momentum soft targets) on `images`, the batch's images projected to the fusion
+        K/V (B rows); returns (loss, accuracy over masked tokens)."""
         attn = batch.attention_mask
         masked_ids, labels = self.mask(batch)
         selected = labels != -100
-        fused = self.model.fuse(self.model.encode_text(masked_ids, attn), attn, image_tokens).text
+        fused = self.model.fuse(self.model.encode_text(masked_ids, attn), attn, images).text
         logits = self.model.mlm_logits(fused[selected])  # (M, V): only the masked positions
         targets = labels[selected]
         soft = None

@@ -32,6 +32,32 @@ class FusionOutput:
     cls: Tensor
 
 
+@dataclass
+class ImageKV:
+    """Image tokens projected to every cross-attention layer's keys and values once, for several fusion passes.
+
+    An ALBEF step fuses the same images 4 times (ITM positives, ITM text negatives, the ITM image negatives
+    drawn from the same batch, MLM), and every pass projected its image tokens to each layer's K/V again
+    (~9 % of the tiny step). `FusionEncoder.image_kv` projects U distinct images once; each pass row then reads
+    the projection of image `rows[b]` (an index, whose backward sums the rows' gradients: the same gradients
+    as projecting each row, to float rounding).
+
+    kv: one (U, N, 2D) tensor per fusion layer (keys then values, `Attention.project_kv`);
+    mask: (U, N) image-token mask or None (all valid); rows: (B,) long, the image of each pass row.
+    """
+
+    kv: list[Tensor]
+    mask: Optional[Tensor]
+    rows: Tensor
+
+    def take(self, rows: Tensor) -> "ImageKV":
+        """The pass rows `rows` (b,) of this one: ImageKV(kv, mask, self.rows[rows]) (no copy of the K/V)."""
+        return ImageKV(self.kv, self.mask, self.rows[rows])
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+
 class FusionEncoder(nn.Module):
     """Fuses text hidden states (B,T,width) with image tokens (B,N,vision_width)."""
 
@@ -52,6 +78,19 @@ class FusionEncoder(nn.Module):
         """'single' only: image_tokens (B,N,Dv) -> LN(Linear(x)) + image-type embedding, (B,N,D)."""
         return self.image_norm(self.image_proj(image_tokens)) + self.modality_embed.weight[1]
 
+    def image_kv(self, image_tokens: Tensor, image_mask: Optional[Tensor] = None,
+                 rows: Optional[Tensor] = None) -> ImageKV:
+        """'cross' only: image_tokens (U,N,Dv) projected to every layer's keys/values once -> ImageKV whose pass
+        rows are `rows` (B,) indices into the U images (default: each image once, in order)."""
+        if self.cfg.type != "cross":
+            raise ValueError("image_kv is for cross-attention fusion (model.fusion.type: cross); a single-stream "
+                             "fusion updates the image tokens in every layer, so there is no fixed K/V to share")
+        if image_tokens.shape[-1] != self.vision_width:
+            raise ValueError(f"image tokens have width {image_tokens.shape[-1]}, fusion expects {self.vision_width}")
+        if rows is None:
+            rows = torch.arange(image_tokens.shape[0], device=image_tokens.device)
+        return ImageKV([block.cross.project_kv(image_tokens) for block in self.blocks], image_mask, rows)
+
     def encode_joint(self, joint: Tensor, joint_mask: Optional[Tensor] = None) -> Tensor:
         """'single' only: the self-attention stack over an already assembled sequence (B,L,D), mask (B,L)."""
         for block in self.blocks:
@@ -62,10 +101,20 @@ class FusionEncoder(nn.Module):
         self,
         text: Tensor,
         attention_mask: Optional[Tensor],
-        image_tokens: Tensor,
+        image_tokens: Tensor | ImageKV,
         image_mask: Optional[Tensor] = None,
     ) -> FusionOutput:
-        """text (B,T,D), attention_mask (B,T) 1 = real token, image_tokens (B,N,Dv), image_mask (B,N) or None = all valid."""
+        """text (B,T,D), attention_mask (B,T) 1 = real token, image_tokens (B,N,Dv), image_mask (B,N) or None = all valid.
+
+        'cross' also takes an `ImageKV` of B pass rows (its own mask; `image_mask` must be None)."""
+        if isinstance(image_tokens, ImageKV):
+            if self.cfg.type != "cross" or image_mask is not None:
+                raise ValueError("an ImageKV is for cross-attention fusion and carries its own mask (image_mask=None)")
+            rows, x = image_tokens.rows, text
+            context_mask = None if image_tokens.mask is None else image_tokens.mask[rows]
+            for block, kv in zip(self.blocks, image_tokens.kv):
+                x = block(x, mask=attention_mask, context_kv=kv[rows], context_mask=context_mask)
+            return FusionOutput(text=x, image=None, cls=x[:, 0])
         if image_tokens.shape[-1] != self.vision_width:
             raise ValueError(f"image tokens have width {image_tokens.shape[-1]}, fusion expects {self.vision_width}")
         if self.cfg.type == "cross":

@@ -45,24 +45,33 @@ class Attention(nn.Module):
         self.attn_dropout = dropout  # on the attention probabilities (BERT's attention_probs_dropout)
         self.proj_drop = nn.Dropout(dropout)  # on the output projection (BERT's hidden_dropout)
 
-    def forward(self, x: Tensor, context: Optional[Tensor] = None, key_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, context: Optional[Tensor] = None, key_mask: Optional[Tensor] = None,
+                context_kv: Optional[Tensor] = None) -> Tensor:
         """x (B,T,D); context (B,S,kv_dim) or None (= x); key_mask (B,S) bool/0-1, True = attend -> (B,T,D).
+
+        `context_kv` (B,S,2D): the context already projected by `project_kv` (keys then values), used instead
+        of projecting `context` here: fusion passes that cross-attend to the same image tokens share one
+        projection (`vlp.models.fusion.ImageKV`).
 
         A row whose key_mask is all False has no key to attend to and yields NaN (as in
         `F.scaled_dot_product_attention`); callers always keep at least one valid key.
         """
         B, T, D = x.shape
-        ctx = x if context is None else context
-        S = ctx.shape[1]
+        kv = self.project_kv(x if context is None else context) if context_kv is None else context_kv
+        S = kv.shape[1]
         hd = D // self.heads
         q = self.q(x).view(B, T, self.heads, hd).transpose(1, 2)  # (B,H,T,hd)
-        k, v = self.kv(ctx).view(B, S, 2, self.heads, hd).permute(2, 0, 3, 1, 4)  # 2 x (B,H,S,hd)
+        k, v = kv.view(B, S, 2, self.heads, hd).permute(2, 0, 3, 1, 4)  # 2 x (B,H,S,hd)
         mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
         )
         y = y.transpose(1, 2).reshape(B, T, D)
         return self.proj_drop(self.proj(y))
+
+    def project_kv(self, context: Tensor) -> Tensor:
+        """context (B,S,kv_dim) -> its keys and values (B,S,2D), keys first."""
+        return self.kv(context)
 
     def query_probs(self, x: Tensor, key_mask: Optional[Tensor] = None, query: int = 0) -> Tensor:
         """Self-attention probabilities of one query position: x (B,T,D), key_mask (B,T) -> (B,H,T).
@@ -150,19 +159,23 @@ class Block(nn.Module):
         mask: Optional[Tensor] = None,
         context: Optional[Tensor] = None,
         context_mask: Optional[Tensor] = None,
+        context_kv: Optional[Tensor] = None,
     ) -> Tensor:
-        """x (B,T,D); mask (B,T) key padding; context (B,S,cross_dim); context_mask (B,S) -> (B,T,D)."""
-        if self.cross is not None and context is None and not self.cross_optional:
+        """x (B,T,D); mask (B,T) key padding; context (B,S,cross_dim); context_mask (B,S) -> (B,T,D).
+
+        `context_kv` (B,S,2D): the context already projected by `self.cross.project_kv`, instead of `context`."""
+        has_context = context is not None or context_kv is not None
+        if self.cross is not None and not has_context and not self.cross_optional:
             raise ValueError("this Block has cross-attention: pass `context` (B, S, cross_dim)")
-        cross = self.cross is not None and context is not None
+        cross = self.cross is not None and has_context
         if self.norm_type == "pre":
             x = x + self.attn(self.norm1(x), key_mask=mask)
             if cross:
-                x = x + self.cross(self.norm_cross(x), context, context_mask)
+                x = x + self.cross(self.norm_cross(x), context, context_mask, context_kv)
             return x + self.mlp(self.norm2(x))
         x = self.norm1(x + self.attn(x, key_mask=mask))
         if cross:
-            x = self.norm_cross(x + self.cross(x, context, context_mask))
+            x = self.norm_cross(x + self.cross(x, context, context_mask, context_kv))
         return self.norm2(x + self.mlp(x))
 
     def self_attention_probs(self, x: Tensor, mask: Optional[Tensor] = None, query: int = 0) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from vlp.config import MODEL_SIZE_DIR, ModelConfig, model_size
 from vlp.models.buckets import run_in_length_buckets
-from vlp.models.fusion import FusionEncoder, FusionOutput
+from vlp.models.fusion import FusionEncoder, FusionOutput, ImageKV
 from vlp.models.heads import ITCProjection, ITMHead, MLMHead
 from vlp.models.minilm import load_minilm_into
 from vlp.models.text import TextEncoder
@@ -122,25 +122,50 @@ class VLModel(nn.Module):
         return self.text.cross_dim is not None
 
     def fuse(
-        self, text_hidden: Tensor, attention_mask: Tensor, image_tokens: Tensor, image_mask: Optional[Tensor] = None
+        self, text_hidden: Tensor, attention_mask: Tensor, image_tokens: Tensor | ImageKV,
+        image_mask: Optional[Tensor] = None,
     ) -> FusionOutput:
         """text_hidden (B,T,D), attention_mask (B,T), image_tokens (B,N,Dv), image_mask (B,N) or None = all valid.
 
-        Runs per length bucket (`length_buckets`): fused text states past a row's bucket length are 0."""
+        `image_tokens` may be an `ImageKV` of B pass rows (`image_kv`: cross-attention fusion, images projected
+        to keys/values once for several passes). Runs per length bucket (`length_buckets`): fused text states
+        past a row's bucket length are 0."""
         if self.shared_encoder:
             raise ValueError("this model fuses in its shared text encoder (model.text.cross_attention: true): "
                              "use encode_multimodal(input_ids, attention_mask, image_tokens)")
         if self.length_buckets == 1:
             return self.fusion(text_hidden, attention_mask, image_tokens, image_mask)
-        text, image = run_in_length_buckets(self._fuse_rows, attention_mask, self.length_buckets, text=(text_hidden,),
-                                            rows=(image_tokens, image_mask))
+        if isinstance(image_tokens, ImageKV):  # bucket the pass rows' image indices, not tokens
+            fuse_rows = partial(self._fuse_kv_rows, image_tokens)
+            rows: tuple[Optional[Tensor], ...] = (image_tokens.rows,)
+        else:
+            fuse_rows, rows = self._fuse_rows, (image_tokens, image_mask)
+        text, image = run_in_length_buckets(fuse_rows, attention_mask, self.length_buckets, text=(text_hidden,),
+                                            rows=rows)
         return FusionOutput(text=text, image=image, cls=text[:, 0])
+
+    @property
+    def shares_image_kv(self) -> bool:
+        """Whether `fuse` takes an `ImageKV` (`image_kv`): a cross-attention fusion encoder of its own."""
+        return not self.shared_encoder and self.fusion.cfg.type == "cross" and self.fusion.cfg.depth > 0
+
+    def image_kv(self, image_tokens: Tensor, image_mask: Optional[Tensor] = None,
+                 rows: Optional[Tensor] = None) -> ImageKV:
+        """image_tokens (U,N,Dv) projected to the fusion layers' keys/values once, for `fuse` passes whose row b
+        cross-attends to image `rows[b]` (default: each image once). Cross-attention fusion only."""
+        return self.fusion.image_kv(image_tokens, image_mask, rows)
 
     def _fuse_rows(self, attention_mask: Tensor, text_hidden: Tensor, image_tokens: Tensor,
                    image_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         """`fuse` of one bucket -> (fused text (b,L,D), fused image (b,N,D) or None)."""
         out = self.fusion(text_hidden, attention_mask, image_tokens, image_mask)
         return out.text, out.image
+
+    def _fuse_kv_rows(self, image_kv: ImageKV, attention_mask: Tensor, text_hidden: Tensor,
+                      rows: Tensor) -> tuple[Tensor, None]:
+        """`fuse` of one bucket whose pass rows read images `rows` (b,) of `image_kv` -> (fused text (b,L,D), None)."""
+        out = self.fusion(text_hidden, attention_mask, ImageKV(image_kv.kv, image_kv.mask, rows))
+        return out.text, None
 
     def encode_multimodal(
         self, input_ids: Tensor, attention_mask: Tensor, image_tokens: Tensor, image_mask: Optional[Tensor] = None,
