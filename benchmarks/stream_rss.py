@@ -29,6 +29,7 @@ from vlp.data.datasets import collate
 from vlp.data.shards import ShardDataset, brace_pattern, world_pairs, write_shards
 from vlp.data.skips import SkippingCollate
 from vlp.data.tokenizer import TextTokenizer
+from vlp.data.workers import data_worker_init
 from vlp.data.world import World
 from vlp.viz import format_table
 
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1_000_000, help="samples to stream")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="workers without vlp's worker init (glibc's dynamic mmap threshold: the heap grows)")
     args = parser.parse_args()
     out = Path(args.out)
     shard_dir = out / "shards"
@@ -85,7 +88,8 @@ def main() -> None:
     # a few batches beyond the last checkpoint: the workers are still alive (and counted) when it is taken
     steps = -(-args.samples // args.batch) + 4 * max(1, args.workers)
     loader = DataLoader(dataset.step_stream(0, steps, args.batch, 0, 1, args.workers), batch_size=args.batch,
-                        collate_fn=SkippingCollate(collate), num_workers=args.workers)
+                        collate_fn=SkippingCollate(collate), num_workers=args.workers,
+                        worker_init_fn=None if args.default_malloc else data_worker_init)
     marks = [m for m in CHECKPOINTS if m <= args.samples] or [args.samples]
     rows: list[dict] = []
     seen, started = 0, time.perf_counter()

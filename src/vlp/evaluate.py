@@ -29,10 +29,12 @@ from vlp.viz import plot_retrieval_examples
 def evaluate_method(method: PretrainMethod, rset: RetrievalSet, cfg: RunConfig, device: torch.device) -> dict[str, float]:
     """Retrieval metrics of a pre-trained method by its declared protocols (`vlp.methods.base`): its headline
     protocol (ITC, ITC + ITM re-ranking, or ITM over all pairs), plus ITM over all pairs when `eval.itm_all`
-    asks and the method has it; `eval.batch_size`, `eval.k_rerank`, autocast at the training precision."""
+    asks and the method has it; `eval.batch_size`, `eval.k_rerank`, autocast at the training precision; progress
+    lines on stderr for long loops unless `train.progress` is false."""
     return evaluate_method_retrieval(
         method, rset, method.retrieval_protocols_for(cfg.eval.itm_all), batch_size=cfg.eval.batch_size,
-        k_rerank=cfg.eval.k_rerank, device=device, amp_dtype=autocast_dtype(cfg.train.precision, device))
+        k_rerank=cfg.eval.k_rerank, device=device, amp_dtype=autocast_dtype(cfg.train.precision, device),
+        progress=cfg.train.progress)
 
 
 def has_itc(method: PretrainMethod) -> bool:
@@ -44,7 +46,7 @@ def write_retrieval_figure(method: PretrainMethod, rset: RetrievalSet, cfg: RunC
                            png: Path) -> None:
     """`retrieval_examples.png`: query captions with their ITC top images (methods with ITC)."""
     queries, topk = retrieval_examples(method.itc_model, rset, num_queries=6, k=5, batch_size=cfg.eval.batch_size,
-                                       device=device)
+                                       device=device, progress=cfg.train.progress)
     plot_retrieval_examples(rset.captions, rset.images, queries, topk, rset.txt2img, png)
 
 

@@ -189,12 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="measure step throughput, MFU, memory, or world rendering speed")
     bsub = b.add_subparsers(dest="bench_command", required=True)
-    bt = bsub.add_parser("train", help="samples/s, peak memory and MFU of a pre-training step (one real world batch)")
+    bt = bsub.add_parser("train", help="samples/s, step breakdown (data / forward / backward / optimizer), peak memory "
+                                       "and MFU of a pre-training step (one real world batch)")
     bt.add_argument("--config", action="append", default=None,
                     help="config to time (repeat to compare several in one run, e.g. albef_tiny and cmal_tiny); "
                          "CONFIG:key=value,key=value overrides that config alone")
     bt.add_argument("--batch-size", type=int, default=None)
     bt.add_argument("--steps", type=int, default=5)
+    bt.add_argument("--out", default=None, metavar="DIR",
+                    help="also write DIR/bench_train.csv (every column) and DIR/bench_train.png (the step breakdown)")
     _add_set(bt)
     bw = bsub.add_parser("world", help="world rendering samples/s on one core")
     bw.add_argument("--image-size", type=int, default=64)
@@ -407,6 +410,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"cpu: bf16 matmul {cpu['bf16_matmul']}; 512x512 matmul at "
                   f"{cpu['torch_threads']} threads: fp32 {cpu['fp32_matmul_GFLOPs']:.1f} GFLOP/s, "
                   f"bf16 {cpu['bf16_matmul_GFLOPs']:.1f} GFLOP/s")
+            if args.out:
+                csv_path, png_path = bench.write_train_rows(rows, args.out)
+                print(f"wrote {csv_path} and {png_path}")
             if len(rows) > 1:  # one row per config, side by side
                 print(format_table(rows))
                 return 0

@@ -58,6 +58,8 @@ from typing import Any, Callable, Iterator, Literal, Optional, Protocol, Sequenc
 import torch
 from torch import Tensor
 
+from vlp.progress import Progress
+
 __all__ = [
     "RetrievalModel",
     "RetrievalData",
@@ -333,18 +335,39 @@ def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
+# Progress of the evaluation loops (`vlp.progress`: a bar on a terminal, else a line on stderr every ~10 s of a
+# long loop). The public evaluations take `progress: bool`; their loops take the phase name to show, None = silent.
+def _phase(progress: bool, name: str) -> Optional[str]:
+    """`name` when progress is shown, else None."""
+    return name if progress else None
+
+
+def _sub(phase: Optional[str], part: str) -> Optional[str]:
+    """The phase name of one part of `phase` ("hard pairs" -> "hard pairs: ITM true"); None stays None."""
+    return None if phase is None else f"{phase}: {part}"
+
+
+def _progress(phase: Optional[str], total: int, unit: str) -> Progress:
+    """The reporter of one loop over `total` units: "retrieval: <phase>", silent when `phase` is None."""
+    return Progress(f"retrieval: {phase}", total, enabled=phase is not None, unit=unit)
+
+
 def _encode_images(
-    model: RetrievalModel, images: Tensor, batch_size: int, device: torch.device, amp_dtype: Optional[torch.dtype]
+    model: RetrievalModel, images: Tensor, batch_size: int, device: torch.device, amp_dtype: Optional[torch.dtype],
+    progress: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Image tokens (I, 1+P, Dv) and ITC embeddings (I, E), on `device`, float32."""
+    """Image tokens (I, 1+P, Dv) and ITC embeddings (I, E), on `device`, float32. `progress`: the phase name
+    shown while encoding (None = silent)."""
     tokens, embeds = [], []
-    for start in range(0, images.shape[0], batch_size):
-        chunk = images[start : start + batch_size].to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
-            tok = model.encode_image(chunk).tokens
-            emb = model.image_embed(tok)
-        tokens.append(tok.float())
-        embeds.append(emb.float())
+    with _progress(progress, images.shape[0], "images") as bar:
+        for start in range(0, images.shape[0], batch_size):
+            chunk = images[start : start + batch_size].to(device, non_blocking=True)
+            with _autocast(device, amp_dtype):
+                tok = model.encode_image(chunk).tokens
+                emb = model.image_embed(tok)
+            tokens.append(tok.float())
+            embeds.append(emb.float())
+            bar.update(chunk.shape[0])
     return torch.cat(tokens), torch.cat(embeds)
 
 
@@ -362,22 +385,26 @@ def _encode_texts(
     batch_size: int,
     device: torch.device,
     amp_dtype: Optional[torch.dtype],
+    progress: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
     """Unimodal text states (Tn, T', D) (autocast dtype, kept for ITM) and ITC embeddings (Tn, E) float32.
 
-    T' = `_real_length(attention_mask)`: trailing all-padding columns are not encoded.
+    T' = `_real_length(attention_mask)`: trailing all-padding columns are not encoded. `progress`: the phase
+    name shown while encoding (None = silent).
     """
     length = _real_length(attention_mask)
     input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
     hidden, embeds = [], []
-    for start in range(0, input_ids.shape[0], batch_size):
-        ids = input_ids[start : start + batch_size].to(device)
-        mask = attention_mask[start : start + batch_size].to(device)
-        with _autocast(device, amp_dtype):
-            h = model.encode_text(ids, mask)
-            emb = model.text_embed(h)
-        hidden.append(h)
-        embeds.append(emb.float())
+    with _progress(progress, input_ids.shape[0], "texts") as bar:
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[start : start + batch_size].to(device)
+            mask = attention_mask[start : start + batch_size].to(device)
+            with _autocast(device, amp_dtype):
+                h = model.encode_text(ids, mask)
+                emb = model.text_embed(h)
+            hidden.append(h)
+            embeds.append(emb.float())
+            bar.update(ids.shape[0])
     return torch.cat(hidden), torch.cat(embeds)
 
 
@@ -394,6 +421,7 @@ def fused_itm_pairs(
     batch_size: int,
     device: torch.device,
     amp_dtype: Optional[torch.dtype],
+    progress: Optional[str] = None,
 ) -> Tensor:
     """ITM positive-class logits (P,) for the pairs (image_tokens[img_idx[p]], text txt_idx[p]).
 
@@ -408,6 +436,7 @@ def fused_itm_pairs(
     image to the fusion keys/values once per block of `IMAGE_KV_BLOCK` images instead of once per pair
     (a pair's text is short, so the projection of its 1+P image tokens was ~40 % of its fusion FLOPs at
     the tiny size): pairs are grouped by image block, then sorted by text length within the block.
+    `progress`: the phase name shown while scoring (None = silent).
     """
     n_pairs = img_idx.numel()
     positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
@@ -420,24 +449,26 @@ def fused_itm_pairs(
     block_counts = torch.bincount(block, minlength=int(block.max()) + 1 if n_pairs else 0).tolist()
     out = torch.empty(n_pairs, dtype=torch.float32, device=device)
     block_start = 0
-    for b, count in enumerate(block_counts):
-        if count == 0:
-            continue
-        first_image = b * block_size
-        images = image_tokens[first_image : first_image + block_size]
-        with _autocast(device, amp_dtype):
-            images = model.image_kv(images) if share_kv else images
-        for start in range(block_start, block_start + count, batch_size):
-            stop = min(start + batch_size, block_start + count)
-            ii = img_sorted[start:stop] - first_image
-            tt = txt_sorted[start:stop]
-            length = max(int(text_len[tt].max()), 1)
+    with _progress(progress, n_pairs, "pairs") as bar:
+        for b, count in enumerate(block_counts):
+            if count == 0:
+                continue
+            first_image = b * block_size
+            images = image_tokens[first_image : first_image + block_size]
             with _autocast(device, amp_dtype):
-                context = images.take(ii) if share_kv else images[ii]
-                fused = model.fuse(text_hidden[tt, :length], attention_mask[tt, :length], context)
-                score = model.itm_logits(fused.cls)[:, 1]
-            out[order[start:stop]] = score.float()
-        block_start += count
+                images = model.image_kv(images) if share_kv else images
+            for start in range(block_start, block_start + count, batch_size):
+                stop = min(start + batch_size, block_start + count)
+                ii = img_sorted[start:stop] - first_image
+                tt = txt_sorted[start:stop]
+                length = max(int(text_len[tt].max()), 1)
+                with _autocast(device, amp_dtype):
+                    context = images.take(ii) if share_kv else images[ii]
+                    fused = model.fuse(text_hidden[tt, :length], attention_mask[tt, :length], context)
+                    score = model.itm_logits(fused.cls)[:, 1]
+                out[order[start:stop]] = score.float()
+                bar.update(stop - start)
+            block_start += count
     return out
 
 
@@ -478,6 +509,11 @@ def _rerank(
     score_t2i = torch.full((n_texts, n_images), float("-inf"), device=device)
     score_t2i[t2i_txt, t2i_img] = scored[n_i2t:]
     return score_i2t, score_t2i, int(unique.numel())
+
+
+# The progress phase names of the probe pairs, by their field prefix or metric name.
+_PROBE_PHASES = {"hard": "hard pairs", "probe": "colour probes", "hard_neg_acc": "hard pairs",
+                 "colour_probe_acc": "colour probes"}
 
 
 def _pair_fields(rset: Any, prefix: str) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
@@ -550,24 +586,30 @@ def _score_pairs(
     batch_size: int,
     device: torch.device,
     amp_dtype: Optional[torch.dtype],
+    progress: Optional[str] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Scores of P probe pairs (true text, false text) against each pair's image: ITC cosines (P,) of
     both texts and, when `with_itm`, their ITM positive logits (P,) (2P fusion forwards); CPU float32.
 
     fields: image index (P,) and pos_ids / pos_mask / neg_ids / neg_mask (P, T); image_tokens
-    (I, 1+P', Dv) and image_emb (I, E) of the whole set, on `device`."""
+    (I, 1+P', Dv) and image_emb (I, E) of the whole set, on `device`. `progress`: the probes' phase name
+    (e.g. "hard pairs"; None = silent)."""
     p_img, pos_ids, pos_mask, neg_ids, neg_mask = (t.to(device) for t in fields)
     p_img = p_img.long()
-    pos_hidden, pos_emb = _encode_texts(model, pos_ids, pos_mask, batch_size, device, amp_dtype)
-    neg_hidden, neg_emb = _encode_texts(model, neg_ids, neg_mask, batch_size, device, amp_dtype)
+    pos_hidden, pos_emb = _encode_texts(model, pos_ids, pos_mask, batch_size, device, amp_dtype,
+                                        _sub(progress, "encode true texts"))
+    neg_hidden, neg_emb = _encode_texts(model, neg_ids, neg_mask, batch_size, device, amp_dtype,
+                                        _sub(progress, "encode false texts"))
     img_emb = image_emb[p_img]
     itc_pos = (img_emb * pos_emb).sum(-1).cpu()
     itc_neg = (img_emb * neg_emb).sum(-1).cpu()
     if not with_itm:
         return itc_pos, itc_neg, None, None
     idx = torch.arange(p_img.numel(), device=device)  # pair p = (image p_img[p], text p)
-    itm_pos = fused_itm_pairs(model, image_tokens, pos_hidden, pos_mask, p_img, idx, batch_size, device, amp_dtype).cpu()
-    itm_neg = fused_itm_pairs(model, image_tokens, neg_hidden, neg_mask, p_img, idx, batch_size, device, amp_dtype).cpu()
+    itm_pos = fused_itm_pairs(model, image_tokens, pos_hidden, pos_mask, p_img, idx, batch_size, device, amp_dtype,
+                              progress=_sub(progress, "ITM true")).cpu()
+    itm_neg = fused_itm_pairs(model, image_tokens, neg_hidden, neg_mask, p_img, idx, batch_size, device, amp_dtype,
+                              progress=_sub(progress, "ITM false")).cpu()
     return itc_pos, itc_neg, itm_pos, itm_neg
 
 
@@ -580,6 +622,7 @@ def compute_retrieval_scores(
     device: Optional[torch.device | str] = None,
     amp_dtype: Optional[torch.dtype] = None,
     rerank_score: RerankScore = "itm",
+    progress: bool = True,
 ) -> RetrievalScores:
     """Score a retrieval set with a model: ITC similarities, ITM re-ranked matrices, hard pairs, colour probes.
 
@@ -593,17 +636,22 @@ def compute_retrieval_scores(
         raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {rerank_score!r}")
     device = torch.device(device) if device is not None else _model_device(model)
     with eval_mode(model):
-        image_tokens, image_emb = _encode_images(model, rset.images, batch_size, device, amp_dtype)
+        image_tokens, image_emb = _encode_images(model, rset.images, batch_size, device, amp_dtype,
+                                                 _phase(progress, "encode images"))
         input_ids = rset.input_ids.to(device)
         attention_mask = rset.attention_mask.to(device)
-        text_hidden, text_emb = _encode_texts(model, input_ids, attention_mask, batch_size, device, amp_dtype)
+        text_hidden, text_emb = _encode_texts(model, input_ids, attention_mask, batch_size, device, amp_dtype,
+                                              _phase(progress, "encode texts"))
         sims = image_emb @ text_emb.T  # (I, Tn), anchors §2 step 1: cosine, no temperature
         scores = RetrievalScores(sim_itc=sims.cpu())
 
         if k_rerank > 0:
+            every_pair = k_rerank >= max(sims.shape)  # the top k of every query is every candidate
+            rerank_phase = _phase(progress, "ITM all pairs" if every_pair else "ITM re-rank")
+
             def fused_itm(img_idx: Tensor, txt_idx: Tensor) -> Tensor:
                 return fused_itm_pairs(model, image_tokens, text_hidden, attention_mask, img_idx, txt_idx,
-                                  batch_size, device, amp_dtype)
+                                       batch_size, device, amp_dtype, progress=rerank_phase)
 
             s_i2t, s_t2i, forwards = _rerank(sims, k_rerank, rerank_score, fused_itm)
             scores.score_i2t, scores.score_t2i, scores.itm_forwards = s_i2t.cpu(), s_t2i.cpu(), forwards
@@ -612,7 +660,8 @@ def compute_retrieval_scores(
             if fields is None:
                 continue
             itc_pos, itc_neg, itm_pos, itm_neg = _score_pairs(
-                model, fields, image_tokens, image_emb, k_rerank > 0, batch_size, device, amp_dtype)
+                model, fields, image_tokens, image_emb, k_rerank > 0, batch_size, device, amp_dtype,
+                _phase(progress, _PROBE_PHASES[prefix]))
             setattr(scores, f"{prefix}_itc_pos", itc_pos)
             setattr(scores, f"{prefix}_itc_neg", itc_neg)
             if itm_pos is not None:
@@ -630,6 +679,7 @@ def evaluate_retrieval(
     device: Optional[torch.device | str] = None,
     amp_dtype: Optional[torch.dtype] = None,
     rerank_score: RerankScore = "itm",
+    progress: bool = True,
 ) -> dict[str, float]:
     """Image↔text retrieval metrics of `model` on `rset` (anchors §2, ALBEF `evaluation` + `itm_eval`).
 
@@ -642,6 +692,8 @@ def evaluate_retrieval(
         k_rerank: ITC candidates re-ranked by ITM per query; 0 = ITC only (no ITM forwards at all).
         device: default the model's device. amp_dtype: autocast dtype (None = fp32).
         rerank_score: "itm" (ALBEF: ITM positive logit) or "itm+itc" (BLIP / LAVIS: logit + ITC cosine).
+        progress: report the encoding and ITM loops as they run (`vlp.progress.Progress`: a bar on a
+            terminal, else a line on stderr about every 10 s of a long loop); False = silent.
 
     Cost: I image + Tn text unimodal encodes (+ 2H hard-negative and 2P colour-probe texts); ITM fusion
     forwards at most (I·min(k, Tn) + Tn·min(k, I)) ≈ (I + Tn)·k — pairs proposed by both directions are
@@ -658,7 +710,7 @@ def evaluate_retrieval(
         (text→image R@1 of a random ranking = 100 / I); `itm_forwards`.
         Top-ranked images for plotting come from `retrieval_examples`.
     """
-    scores = compute_retrieval_scores(model, rset, batch_size, k_rerank, device, amp_dtype, rerank_score)
+    scores = compute_retrieval_scores(model, rset, batch_size, k_rerank, device, amp_dtype, rerank_score, progress)
     return retrieval_metrics(scores, rset.txt2img, getattr(rset, "img2txt", None))
 
 
@@ -704,12 +756,14 @@ def retrieval_examples(
     k_rerank: int = 16,
     rerank_score: RerankScore = "itm",
     queries: Optional[Sequence[int]] = None,
+    progress: bool = True,
 ) -> tuple[list[int], Tensor]:
     """Top-k retrieved images for a few text queries, ranked like `evaluate_retrieval` (for plotting).
 
     Queries default to `default_example_queries(rset.img2txt, num_queries)`. Only those Q texts are
     ranked: ITC over all images, then the top-`max(k_rerank, k)` re-scored by ITM (Q·max(k_rerank, k)
-    forwards) when k_rerank > 0; the order is then the re-ranked one.
+    forwards) when k_rerank > 0; the order is then the re-ranked one. `progress`: report the image encoding
+    (as `evaluate_retrieval`).
 
     Returns:
         (queries: list of Q text indices, topk: LongTensor (Q, min(k, I)) image indices, best first).
@@ -725,7 +779,8 @@ def retrieval_examples(
         return [], torch.empty(0, k_out, dtype=torch.long)
     device = torch.device(device) if device is not None else _model_device(model)
     with eval_mode(model):
-        image_tokens, image_emb = _encode_images(model, rset.images, batch_size, device, amp_dtype)
+        image_tokens, image_emb = _encode_images(model, rset.images, batch_size, device, amp_dtype,
+                                                 _phase(progress, "examples: encode images"))
         q = torch.tensor(queries, dtype=torch.long)
         ids = rset.input_ids[q].to(device)
         mask = rset.attention_mask[q].to(device)
@@ -753,6 +808,7 @@ def evaluate_retrieval_itm_all(
     device: Optional[torch.device | str] = None,
     encode: Optional[Callable[..., Sequence[Tensor]]] = None,
     amp_dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Retrieval for a model without ITC (UNITER convention): rank by the ITM score of EVERY (image, text) pair.
 
@@ -777,6 +833,7 @@ def evaluate_retrieval_itm_all(
             colour_probe_image / colour_probe_pos_* / colour_probe_neg_*.
         batch_size: images per `encode` call and pairs per `scorer` call.
         device: where the inputs are moved (default cpu). amp_dtype: autocast dtype (None = fp32).
+        progress: report the image encoding and the pair scoring as they run (as `evaluate_retrieval`).
 
     Returns:
         `itm_all/txt_r{1,5,10}`, `itm_all/img_r{1,5,10}`, `itm_all/{txt,img}_r_mean`, `itm_all/r_mean`,
@@ -788,17 +845,19 @@ def evaluate_retrieval_itm_all(
     device = torch.device(device) if device is not None else torch.device("cpu")
     n_images, n_texts = int(rset.images.shape[0]), int(rset.input_ids.shape[0])
     with torch.no_grad():
-        cache = _image_rows(rset, encode, batch_size, device, amp_dtype)
+        cache = _image_rows(rset, encode, batch_size, device, amp_dtype, _phase(progress, "encode images"))
         # all pairs, image-major: pair p = (p // Tn, p % Tn)
         img_idx = torch.arange(n_images).repeat_interleave(n_texts)
         txt_idx = torch.arange(n_texts).repeat(n_images)
         score = score_pair_rows(scorer, cache, img_idx, rset.input_ids, rset.attention_mask, txt_idx,
-                                 batch_size, device, amp_dtype).view(n_images, n_texts)
+                                batch_size, device, amp_dtype,
+                                progress=_phase(progress, "ITM all pairs")).view(n_images, n_texts)
         metrics = {f"itm_all/{k}": v for k, v in recall_at_k(score, rset.txt2img, getattr(rset, "img2txt", None)).items()}
         forwards = n_images * n_texts
         for key, fields in (("hard_neg_acc", _hard_fields(rset)), ("colour_probe_acc", _probe_fields(rset))):
             if fields is not None:
-                pos, neg = _probe_pair_scores(scorer, cache, fields, batch_size, device, amp_dtype)
+                pos, neg = _probe_pair_scores(scorer, cache, fields, batch_size, device, amp_dtype,
+                                              _phase(progress, _PROBE_PHASES[key]))
                 metrics.update(pair_accuracy_metrics(pos, neg, f"itm_all/{key}"))
                 forwards += 2 * pos.numel()
     return _with_set_sizes(metrics, n_images, n_texts, forwards)
@@ -814,55 +873,67 @@ def _with_set_sizes(metrics: dict[str, float], n_images: int, n_texts: int, forw
 
 
 def _image_rows(rset: RetrievalData, encode: Optional[Callable[..., Sequence[Tensor]]], batch_size: int,
-                device: torch.device, amp_dtype: Optional[torch.dtype]) -> list[Optional[Tensor]]:
+                device: torch.device, amp_dtype: Optional[torch.dtype],
+                progress: Optional[str] = None) -> list[Optional[Tensor]]:
     """The per-image inputs of a pair scorer for every image of the set, computed once per image:
-    `encode(images, region_boxes, region_mask)` per chunk, or the raw rows when `encode` is None."""
+    `encode(images, region_boxes, region_mask)` per chunk, or the raw rows when `encode` is None.
+    `progress`: the phase name shown while encoding (None, or no `encode`: silent)."""
     boxes = getattr(rset, "region_boxes", None)
     rmask = getattr(rset, "region_mask", None)
     parts: list[list[Optional[Tensor]]] = []
-    for start in range(0, int(rset.images.shape[0]), batch_size):
-        sl = slice(start, start + batch_size)
-        rows = (rset.images[sl].to(device),
-                None if boxes is None else boxes[sl].to(device),
-                None if rmask is None else rmask[sl].to(device))
-        if encode is not None:
-            with _autocast(device, amp_dtype):
-                rows = tuple(encode(*rows))
-        parts.append(list(rows))
+    n_images = int(rset.images.shape[0])
+    with _progress(progress if encode is not None else None, n_images, "images") as bar:
+        for start in range(0, n_images, batch_size):
+            sl = slice(start, start + batch_size)
+            rows = (rset.images[sl].to(device),
+                    None if boxes is None else boxes[sl].to(device),
+                    None if rmask is None else rmask[sl].to(device))
+            if encode is not None:
+                with _autocast(device, amp_dtype):
+                    rows = tuple(encode(*rows))
+            parts.append(list(rows))
+            bar.update(min(batch_size, n_images - start))
     return [None if parts[0][j] is None else torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
 def score_pair_rows(scorer: Callable[..., Tensor], cache: Sequence[Optional[Tensor]], img_idx: Tensor,
-                     input_ids: Tensor, attention_mask: Tensor, txt_idx: Tensor, batch_size: int,
-                     device: torch.device, amp_dtype: Optional[torch.dtype]) -> Tensor:
+                    input_ids: Tensor, attention_mask: Tensor, txt_idx: Tensor, batch_size: int,
+                    device: torch.device, amp_dtype: Optional[torch.dtype], progress: Optional[str] = None) -> Tensor:
     """`scorer(*cache rows of img_idx, input_ids[txt_idx], attention_mask[txt_idx]) -> (P,)` float32 on CPU,
     in chunks of `batch_size` pairs. Pairs run in order of text length and each chunk is cut to its longest
     text (a single-stream pass costs ∝ text + regions; on the world this halves the padded tokens per pair,
-    issue 15); the scores come back in the input order."""
+    issue 15); the scores come back in the input order. `progress`: the phase name shown while scoring
+    (None = silent)."""
     positions = torch.arange(1, attention_mask.shape[1] + 1)
     text_len = (attention_mask.bool().cpu() * positions).amax(dim=1)  # (Tn,) last real column + 1
     order = torch.argsort(text_len[txt_idx], stable=True)
     out = torch.empty(img_idx.numel(), dtype=torch.float32)
-    for start in range(0, img_idx.numel(), batch_size):
-        chunk = order[start : start + batch_size]
-        i = img_idx[chunk].to(device)
-        t = txt_idx[chunk]
-        length = max(int(text_len[t].max()), 1)
-        rows = [None if c is None else c[i] for c in cache]
-        with _autocast(device, amp_dtype):
-            score = scorer(*rows, input_ids[t][:, :length].to(device), attention_mask[t][:, :length].to(device))
-        out[chunk] = score.detach().float().reshape(-1).cpu()
+    with _progress(progress, img_idx.numel(), "pairs") as bar:
+        for start in range(0, img_idx.numel(), batch_size):
+            chunk = order[start : start + batch_size]
+            i = img_idx[chunk].to(device)
+            t = txt_idx[chunk]
+            length = max(int(text_len[t].max()), 1)
+            rows = [None if c is None else c[i] for c in cache]
+            with _autocast(device, amp_dtype):
+                score = scorer(*rows, input_ids[t][:, :length].to(device), attention_mask[t][:, :length].to(device))
+            out[chunk] = score.detach().float().reshape(-1).cpu()
+            bar.update(chunk.numel())
     return out
 
 
 def _probe_pair_scores(scorer: Callable[..., Tensor], cache: Sequence[Optional[Tensor]],
                        fields: tuple[Tensor, Tensor, Tensor, Tensor, Tensor], batch_size: int,
-                       device: torch.device, amp_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
-    """Pair scores (P,) of the true and the false text of P probe pairs against each pair's image."""
+                       device: torch.device, amp_dtype: Optional[torch.dtype],
+                       progress: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """Pair scores (P,) of the true and the false text of P probe pairs against each pair's image.
+    `progress`: the probes' phase name (e.g. "hard pairs"; None = silent)."""
     p_img, pos_ids, pos_mask, neg_ids, neg_mask = fields
     p_img, idx = p_img.long().cpu(), torch.arange(p_img.numel())
-    pos = score_pair_rows(scorer, cache, p_img, pos_ids.cpu(), pos_mask.cpu(), idx, batch_size, device, amp_dtype)
-    neg = score_pair_rows(scorer, cache, p_img, neg_ids.cpu(), neg_mask.cpu(), idx, batch_size, device, amp_dtype)
+    pos = score_pair_rows(scorer, cache, p_img, pos_ids.cpu(), pos_mask.cpu(), idx, batch_size, device, amp_dtype,
+                          _sub(progress, "ITM true"))
+    neg = score_pair_rows(scorer, cache, p_img, neg_ids.cpu(), neg_mask.cpu(), idx, batch_size, device, amp_dtype,
+                          _sub(progress, "ITM false"))
     return pos, neg
 
 
@@ -877,6 +948,7 @@ def evaluate_retrieval_itc_rerank(
     device: Optional[torch.device | str] = None,
     encode: Optional[Callable[..., Sequence[Tensor]]] = None,
     amp_dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Retrieval for a model without ITC but with a first stage (`vlp.models.first_stage`): rank by the first
     stage's cosine, re-rank each query's top `k_rerank` by the ITM score (ALBEF / BLIP's two stages).
@@ -886,7 +958,8 @@ def evaluate_retrieval_itc_rerank(
     first stage's L2-normalised embeddings. Cost: I + Tn first-stage encodes and at most (I + Tn)·k ITM
     passes (pairs proposed by both directions scored once), + 2H + 2P for the probes: linear in the set
     size, where `evaluate_retrieval_itm_all` is quadratic. R@K with K > k_rerank is a lower bound (a ground
-    truth outside the first stage's top k is a miss), as for ALBEF's `itm/`.
+    truth outside the first stage's top k is a miss), as for ALBEF's `itm/`. `progress`: report the encoding
+    and ITM loops as they run (as `evaluate_retrieval`).
 
     Returns `itc/...` (the first stage alone) and `itm/...` (re-ranked) recalls and probe accuracies with
     their intervals, in the keys of `evaluate_retrieval`, plus `num_images`, `num_texts`, `chance_r1`,
@@ -898,28 +971,33 @@ def evaluate_retrieval_itc_rerank(
     n_images, n_texts = int(rset.images.shape[0]), int(rset.input_ids.shape[0])
     img2txt = getattr(rset, "img2txt", None)
 
-    def embed_texts(ids: Tensor, mask: Tensor) -> Tensor:
+    def embed_texts(ids: Tensor, mask: Tensor, phase: Optional[str]) -> Tensor:
         length = _real_length(mask)
         out = []
-        for start in range(0, ids.shape[0], batch_size):
-            with _autocast(device, amp_dtype):
-                out.append(text_embed(ids[start : start + batch_size, :length].to(device),
-                                      mask[start : start + batch_size, :length].to(device)).float())
+        with _progress(phase, ids.shape[0], "texts") as bar:
+            for start in range(0, ids.shape[0], batch_size):
+                with _autocast(device, amp_dtype):
+                    out.append(text_embed(ids[start : start + batch_size, :length].to(device),
+                                          mask[start : start + batch_size, :length].to(device)).float())
+                bar.update(out[-1].shape[0])
         return torch.cat(out)
 
     with torch.no_grad():
-        cache = _image_rows(rset, encode, batch_size, device, amp_dtype)
+        cache = _image_rows(rset, encode, batch_size, device, amp_dtype, _phase(progress, "encode images"))
         image_emb = []
-        for start in range(0, n_images, batch_size):
-            with _autocast(device, amp_dtype):
-                image_emb.append(image_embed(*[None if c is None else c[start : start + batch_size]
-                                               for c in cache]).float())
+        with _progress(_phase(progress, "first-stage image embeddings"), n_images, "images") as bar:
+            for start in range(0, n_images, batch_size):
+                with _autocast(device, amp_dtype):
+                    image_emb.append(image_embed(*[None if c is None else c[start : start + batch_size]
+                                                   for c in cache]).float())
+                bar.update(image_emb[-1].shape[0])
         image_emb = torch.cat(image_emb)
-        sims = image_emb @ embed_texts(rset.input_ids, rset.attention_mask).T  # (I, Tn)
+        text_emb = embed_texts(rset.input_ids, rset.attention_mask, _phase(progress, "encode texts"))
+        sims = image_emb @ text_emb.T  # (I, Tn)
 
         def itm(img_idx: Tensor, txt_idx: Tensor) -> Tensor:
             return score_pair_rows(scorer, cache, img_idx.cpu(), rset.input_ids, rset.attention_mask,
-                                    txt_idx.cpu(), batch_size, device, amp_dtype)
+                                   txt_idx.cpu(), batch_size, device, amp_dtype, _phase(progress, "ITM re-rank"))
 
         score_i2t, score_t2i, forwards = _rerank(sims, k_rerank, "itm", itm)
         metrics = {f"itc/{k}": v for k, v in recall_at_k(sims.cpu(), rset.txt2img, img2txt).items()}
@@ -929,11 +1007,12 @@ def evaluate_retrieval_itc_rerank(
             if fields is None:
                 continue
             p_img, pos_ids, pos_mask, neg_ids, neg_mask = fields
+            phase = _phase(progress, _PROBE_PHASES[key])
             p_emb = image_emb[p_img.long().to(device)]
-            itc_pos = (p_emb * embed_texts(pos_ids, pos_mask)).sum(-1).cpu()
-            itc_neg = (p_emb * embed_texts(neg_ids, neg_mask)).sum(-1).cpu()
+            itc_pos = (p_emb * embed_texts(pos_ids, pos_mask, _sub(phase, "encode true texts"))).sum(-1).cpu()
+            itc_neg = (p_emb * embed_texts(neg_ids, neg_mask, _sub(phase, "encode false texts"))).sum(-1).cpu()
             metrics.update(pair_accuracy_metrics(itc_pos, itc_neg, f"itc/{key}"))
-            pos, neg = _probe_pair_scores(scorer, cache, fields, batch_size, device, amp_dtype)
+            pos, neg = _probe_pair_scores(scorer, cache, fields, batch_size, device, amp_dtype, phase)
             metrics.update(pair_accuracy_metrics(pos, neg, f"itm/{key}"))
             forwards += 2 * pos.numel()
     return _with_set_sizes(metrics, n_images, n_texts, forwards)
@@ -952,6 +1031,7 @@ def evaluate_method_retrieval(
     k_rerank: int = 16,
     device: Optional[torch.device | str] = None,
     amp_dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Retrieval metrics of a pre-training method by the protocols it declares (`vlp.methods.base`):
 
@@ -964,9 +1044,10 @@ def evaluate_method_retrieval(
                  `first_stage_text_embeds`) ranks, its top-`k_rerank` are re-ranked by `itm_pair_scores`
                  (`evaluate_retrieval_itc_rerank`, keys `itc/` and `itm/`).
 
-    The method is put in eval mode for the call. Returns the union of the protocols' metrics (`itc/`,
-    `itm/`, `itm_all/` keys, plus `num_images`, `num_texts`, `chance_r1`, `itm_forwards` summed over the
-    protocols and each protocol's own count as `itm/itm_forwards` / `itm_all/itm_forwards`).
+    The method is put in eval mode for the call; `progress` reports its loops (as `evaluate_retrieval`).
+    Returns the union of the protocols' metrics (`itc/`, `itm/`, `itm_all/` keys, plus `num_images`,
+    `num_texts`, `chance_r1`, `itm_forwards` summed over the protocols and each protocol's own count as
+    `itm/itm_forwards` / `itm_all/itm_forwards`).
     ValueError for an unknown protocol or an empty list (a method without a retrieval protocol)."""
     if not protocols:
         raise ValueError(f"{type(method).__name__} declares no retrieval protocol (retrieval_protocols is empty)")
@@ -977,25 +1058,26 @@ def evaluate_method_retrieval(
             if protocol in ("itc", "itc_itm"):
                 part = evaluate_retrieval(method.itc_model, rset, batch_size=batch_size,
                                           k_rerank=k_rerank if protocol == "itc_itm" else 0,
-                                          device=device, amp_dtype=amp_dtype)
+                                          device=device, amp_dtype=amp_dtype, progress=progress)
             elif protocol == "itm_all" and getattr(method, "itm_all_from_text_states", False):
                 # every pair re-ranked = all pairs, through the cached text states (ALBEF: each text is
                 # encoded once, not once per pair; the same ITM logits)
                 everything = max(int(rset.images.shape[0]), int(rset.input_ids.shape[0]))
                 scores = compute_retrieval_scores(method.itc_model, rset, batch_size=batch_size, k_rerank=everything,
-                                                  device=device, amp_dtype=amp_dtype)
+                                                  device=device, amp_dtype=amp_dtype, progress=progress)
                 part = {f"itm_all/{k[4:]}": v for k, v in
                         retrieval_metrics(scores, rset.txt2img, getattr(rset, "img2txt", None)).items()
                         if k.startswith("itm/")}
                 part["itm_forwards"] = float(scores.itm_forwards)
             elif protocol == "itm_all":
                 part = evaluate_retrieval_itm_all(method.itm_pair_scores, rset, batch_size=batch_size,
-                                                  device=device, encode=method.itm_pair_inputs, amp_dtype=amp_dtype)
+                                                  device=device, encode=method.itm_pair_inputs, amp_dtype=amp_dtype,
+                                                  progress=progress)
             elif protocol == "itc_rerank":
                 part = evaluate_retrieval_itc_rerank(
                     method.itm_pair_scores, method.first_stage_image_embeds, method.first_stage_text_embeds, rset,
                     k_rerank=k_rerank, batch_size=batch_size, device=device, encode=method.itm_pair_inputs,
-                    amp_dtype=amp_dtype)
+                    amp_dtype=amp_dtype, progress=progress)
             else:
                 raise ValueError(f"unknown retrieval protocol '{protocol}' (known: itc, itc_itm, itm_all, itc_rerank)")
             count = part.pop("itm_forwards", 0.0)

@@ -55,7 +55,9 @@ from tqdm.auto import tqdm
 from vlp.config import RunConfig, dump_config
 from vlp.data.datasets import distinct_images
 from vlp.data.skips import SKIPPED_FILE, DataError, SkipLedger, SkippingCollate, empty_batch, unwrap_worker_error
+from vlp.data.workers import data_worker_init
 from vlp.models.model import VLModel
+from vlp.progress import format_eta
 from vlp.train import launch
 from vlp.train.checkpoint import (
     CHECKPOINT,
@@ -81,6 +83,7 @@ from vlp.train.distributed import all_reduce_mean, is_distributed, rank, step_to
 from vlp.train.optim import build_optimizer, build_scheduler
 from vlp.train.precision import autocast_dtype
 from vlp.train.sampler import StepBatchSampler, StepSampler, epoch_seed
+from vlp.train.timing import PhaseClock, step_laps
 from vlp.types import Batch
 
 logger = logging.getLogger("vlp.train")
@@ -116,20 +119,6 @@ def _scalar(value: Any, device: torch.device) -> Tensor:
     t = value.detach() if isinstance(value, Tensor) else torch.as_tensor(value)
     t = t.to(device=device, dtype=torch.float32)
     return t if t.dim() == 0 else t.mean()
-
-
-def format_eta(seconds: float) -> str:
-    """A duration as `42s`, `3m05s` or `1h02m05s` (rounded to the second; negative or unknown = `?`)."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    total = int(round(seconds))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m{secs:02d}s"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
 
 
 def progress_line(name: str, step: int, total: int, loss: float, lr: float, samples_per_s: float,
@@ -362,7 +351,7 @@ class Trainer:
             stream = self.dataset.step_stream(start_step, self.cfg.train.steps, self.sampler.per_rank, self.rank,
                                               self.world_size, workers)
             return DataLoader(stream, batch_size=self.sampler.per_rank, collate_fn=self.collate_fn,
-                              num_workers=workers, generator=generator)
+                              num_workers=workers, generator=generator, worker_init_fn=data_worker_init)
         return DataLoader(
             self.dataset,
             batch_sampler=StepBatchSampler(self.sampler, start_step, self.cfg.train.steps),
@@ -370,6 +359,7 @@ class Trainer:
             num_workers=workers,
             persistent_workers=workers > 0,
             generator=generator,
+            worker_init_fn=data_worker_init,
         )
 
     def _data_state(self) -> dict:
@@ -434,6 +424,10 @@ class Trainer:
         return step, Path(state["path"])
 
     # ------------------------------------------------------------------------------- steps
+    # `vlp bench train` sets a clock to split a step's time into forward / backward / optimizer; None in
+    # training (no device syncs, no timing).
+    phase_clock: Optional[PhaseClock] = None
+
     def train_step(self, batch: Batch, rows_per_item: int = 1) -> tuple[dict[str, Tensor], float]:
         """Forward/backward over the grad_accum micro-batches, then one optimiser step (with grad
         clipping, GradScaler, scheduler step and the method's `on_step_end`); `fit` and `vlp bench` run it.
@@ -441,11 +435,17 @@ class Trainer:
         Micro-batches are cut by dataset items, not rows: an item of `rows_per_item` rows (an NLVR2
         example is its left and right image) never straddles two micro-batches.
         Returns the micro-batch-averaged detached outputs (+ `grad_norm` when clipping) and the LR used.
+
+        With `phase_clock` set, the step's time is billed to "forward" (moving the batch, counting its tokens,
+        autocast + the method's forward up to the loss), "backward" (the scaled backward) and "optimizer"
+        (unscale and clipping, the scaler's step and update, zero_grad, the LR schedule, `on_step_end`),
+        summed over micro-batches.
         """
         tc = self.cfg.train
         accum = tc.grad_accum
         if len(batch) == 0:  # every item of the step was bad (--skip-bad)
             return self._empty_step()
+        lap = step_laps(self.phase_clock)  # lap(phase) bills the time since the last lap; a no-op without a clock
         items = len(batch) // rows_per_item  # per_rank, or fewer when bad items were dropped (balanced micro-batches)
         batch = batch.to(self.device, non_blocking=True)
         local_counts, global_counts = self._token_counts(batch)
@@ -466,7 +466,9 @@ class Trainer:
                             f"{type(out).__name__}{' with keys ' + str(list(out)) if isinstance(out, dict) else ''}"
                         )
                     loss = out["loss"]
+                    lap("forward")
                     self.scaler.scale(loss / accum if accum > 1 else loss).backward()
+                    lap("backward")
                 for key, value in out.items():
                     v = _scalar(value, self.device)
                     sums[key] = sums[key] + v if key in sums else v
@@ -485,6 +487,7 @@ class Trainer:
         on_step_end = getattr(self.method, "on_step_end", None)
         if callable(on_step_end):
             on_step_end()
+        lap("optimizer")
         return results, lr
 
     def _token_counts(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
