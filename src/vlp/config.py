@@ -211,8 +211,8 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0)  # 0 = off
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # torch.compile (vlp.train.loop.compile_encoders): off (eager, the default: on this project's 2-core CPUs
-    # inductor compiled the encoders 1.12x slower after 250 s of compiling, as measured in issue 15),
+    # torch.compile (vlp.train.loop.compile_encoders): off (eager, the default: on a 2-core CPU one `vlp bench
+    # train` run measured the compiled encoders 1.36x slower than eager and the compiled method 0.98x, README),
     # encoders (the ViT, text and fusion stacks, compiled in place: the CUDA choice), or method (the whole
     # forward of a step)
     compile: Literal["off", "encoders", "method"] = "off"
