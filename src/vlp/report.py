@@ -34,8 +34,8 @@ floors), and the run directories: `pretrain/<method>/b<budget>_s<seed>`, `finetu
 Resumable: a cell whose row is in results.jsonl (and, for a run, whose run directory holds eval.json) is
 skipped; any other cell is run from scratch (its directory is deleted first; a re-run pre-training also
 re-runs the fine-tunes of its checkpoint). Results made with other settings in the same `--out` are an
-error before anything runs. One progress line per cell goes to stderr (cell i/N, elapsed, ETA = mean
-time of the cells run so far x cells left).
+error before anything runs. One progress line per cell goes to stderr (cell i/N, elapsed, ETA = the cells
+left by their estimates, scaled by the ratio of wall time to estimate of the cells run so far).
 
 Default sizing (measured on 2 CPU cores, batch 64: demo configs pre-train at 0.17-0.45 s/step plus ~20 s
 of retrieval evaluation; a compact fine-tune of one task, 80 steps of 16 scored on 250 test examples,
@@ -581,7 +581,7 @@ def report_data_efficiency(
     settings = {"steps": steps, "batch_size": batch_size, "finetune_steps": finetune_steps}
     grid_keys = {c.key for c in cells}
     start = time.time()
-    ran: list[float] = []
+    ran: list[tuple[float, float]] = []  # (wall seconds, estimate) of the cells run so far
     for i, cell in enumerate(cells, 1):
         if id(cell) not in todo:
             print(f"[report {i}/{len(cells)}] {cell.label}: finished before, skipped", file=log, flush=True)
@@ -592,11 +592,14 @@ def report_data_efficiency(
         row = run_cell(cell)
         rows[cell.key] = row
         _write_rows(out, rows)
-        ran.append(float(row["wall_s"]))
+        ran.append((float(row["wall_s"]), cell.estimate_s))
         todo.discard(id(cell))
         write_summary(out, [r for k, r in rows.items() if k in grid_keys], methods, budgets, seeds, tasks, baseline,
                       settings)
-        eta = sum(ran) / len(ran) * len(todo)
+        # the cells left, by their estimates scaled by how fast this machine ran the estimates so far (a plain
+        # mean per cell would price the long pre-trainings at the first, short fine-tunes' time)
+        speed = sum(w for w, _ in ran) / max(sum(e for _, e in ran), 1e-9)
+        eta = speed * sum(c.estimate_s for c in cells if id(c) in todo)
         value = "-" if row["value"] is None else f"{row['value']:.1f}"
         print(f"[report {i}/{len(cells)}] {cell.label}: {row['metric']} {value} in {row['wall_s']:.0f} s | "
               f"elapsed {_clock(time.time() - start)} | ETA {_clock(eta)}", file=log, flush=True)
