@@ -45,3 +45,28 @@ def test_the_trainer_loaders_start_workers_with_the_init(tmp_path):
     assert method_class(cfg.method.name).name == "albef"
     trainer = Trainer(cfg, torch.nn.Linear(2, 2), list(range(8)), lambda items: Batch(), out_dir=tmp_path)
     assert trainer._loader(0).worker_init_fn is data_worker_init
+
+
+def test_batches_are_pinned_for_a_cuda_run_only(tmp_path, monkeypatch):
+    """A CUDA run's loader pins batches (`Batch.pin_memory`, so `train_step`'s non-blocking copy is asynchronous);
+    a CPU run's does not (pinning needs an accelerator)."""
+    cfg = load_config("albef_tiny", ["train.steps=2", "train.batch_size=2", "data.num_workers=0"])
+    trainer = Trainer(cfg, torch.nn.Linear(2, 2), list(range(8)), lambda items: Batch(), out_dir=tmp_path)
+    assert trainer._loader(0).pin_memory is False
+    monkeypatch.setattr(trainer, "device", torch.device("cuda", 0))
+    assert trainer._loader(0).pin_memory is True
+
+
+def test_batch_pin_memory_pins_every_tensor_field(monkeypatch):
+    pinned: list[tuple[int, ...]] = []
+
+    def fake_pin(tensor: torch.Tensor) -> torch.Tensor:  # the CUDA-free stand-in: record, return a copy
+        pinned.append(tuple(tensor.shape))
+        return tensor.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    batch = Batch(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 5),
+                  images=torch.zeros(2, 3, 8, 8), skipped=("bad",))
+    out = batch.pin_memory()
+    assert sorted(pinned) == [(2, 3, 8, 8), (2, 5), (2, 5)]
+    assert out.skipped == ("bad",) and out.labels is None and torch.equal(out.images, batch.images)

@@ -68,6 +68,15 @@ class Batch:
             moved[f.name] = value.to(device, non_blocking=non_blocking) if isinstance(value, Tensor) else value
         return replace(self, **moved)
 
+    def pin_memory(self) -> "Batch":
+        """Every tensor field in page-locked host memory (the DataLoader's `pin_memory=True` calls this on a CUDA
+        run): the trainer's `to(device, non_blocking=True)` then copies asynchronously."""
+        pinned = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            pinned[f.name] = value.pin_memory() if isinstance(value, Tensor) else value
+        return replace(self, **pinned)
+
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 

@@ -347,11 +347,13 @@ class Trainer:
         # A private generator: creating the loader must not draw from the global torch RNG (that would
         # make a resumed run diverge from a straight one).
         generator = torch.Generator().manual_seed(epoch_seed(self.cfg.train.seed + 7919 * self.rank, start_step))
+        pin = self.device.type == "cuda"  # page-locked batches (`Batch.pin_memory`): train_step's copy is asynchronous
         if self._streaming:  # per_rank items per step from the stream's (rank, worker) share, resumed at start_step
             stream = self.dataset.step_stream(start_step, self.cfg.train.steps, self.sampler.per_rank, self.rank,
                                               self.world_size, workers)
             return DataLoader(stream, batch_size=self.sampler.per_rank, collate_fn=self.collate_fn,
-                              num_workers=workers, generator=generator, worker_init_fn=data_worker_init)
+                              num_workers=workers, generator=generator, worker_init_fn=data_worker_init,
+                              pin_memory=pin)
         return DataLoader(
             self.dataset,
             batch_sampler=StepBatchSampler(self.sampler, start_step, self.cfg.train.steps),
@@ -360,6 +362,7 @@ class Trainer:
             persistent_workers=workers > 0,
             generator=generator,
             worker_init_fn=data_worker_init,
+            pin_memory=pin,
         )
 
     def _data_state(self) -> dict:
