@@ -489,6 +489,25 @@ def test_minilm_sentence_similarities_are_sensible(minilm):
 
 
 @pytest.mark.needs_minilm
+def test_minilm_loads_into_a_shared_encoder_keeping_its_fresh_cross_attention(minilm):
+    """SIMLA's shared text/fusion encoder (cross-attention in every layer): BERT's weights fill every sub-layer it
+    has, the cross-attention sub-layers keep their initialisation (BERT has none; ALBEF / BLIP do the same)."""
+    _, raw, _ = minilm
+    torch.manual_seed(0)
+    enc = TextEncoder(TextConfig(width=384, depth=6, heads=12), 30522, cross_dim=384)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    load_minilm_into(enc)
+    after = enc.state_dict()
+    converted = convert_bert_state_dict(raw, max_len=enc.cfg.max_len)
+    cross = [k for k in after if ".cross." in k or ".norm_cross." in k]
+    assert len(cross) == 6 * 8 and set(converted) == set(after) - set(cross)
+    for key in converted:
+        assert torch.equal(after[key], converted[key]), key
+    for key in cross:
+        assert torch.equal(after[key], before[key]), key
+
+
+@pytest.mark.needs_minilm
 def test_minilm_wrong_config_names_the_right_size(minilm, tmp_path):
     with pytest.raises(ValueError, match=r"text\.width: this model 128, MiniLM 384.*'tiny_minilm'"):
         load_minilm_into(TextEncoder(TextConfig(width=128, depth=6, heads=4), 30522))

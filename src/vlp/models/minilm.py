@@ -118,7 +118,12 @@ def _config_problems(enc: TextEncoder, bert_cfg: dict) -> list[str]:
 
 @torch.no_grad()
 def load_minilm_into(text_encoder: TextEncoder, path: Path | None = None) -> None:
-    """Overwrite every parameter of `text_encoder` with MiniLM's, strictly: shapes and names must all match."""
+    """Overwrite every parameter of `text_encoder` with MiniLM's, strictly: shapes and names must all match.
+
+    Except a shared text/fusion encoder's cross-attention (`model.text.cross_attention`, SIMLA): BERT has none,
+    so those sub-layers (`blocks.N.cross.*`, `blocks.N.norm_cross.*`) keep their fresh initialisation, as the
+    reference's cross-attention layers do when ALBEF / BLIP load `bert-base-uncased` (HF reports them as "newly
+    initialized")."""
     from safetensors.torch import load_file
 
     path = Path(path) if path is not None else minilm_dir()
@@ -132,7 +137,8 @@ def load_minilm_into(text_encoder: TextEncoder, path: Path | None = None) -> Non
         raise ValueError("cannot load MiniLM into this text encoder: " + "; ".join(problems) + f". {hint}")
     state = convert_bert_state_dict(load_file(str(path / "model.safetensors")), text_encoder.cfg.max_len)
     target = text_encoder.state_dict()
-    missing = sorted(set(target) - set(state))
+    fresh = {k for k in target if ".cross." in k or ".norm_cross." in k}  # cross-attention: not in BERT
+    missing = sorted(set(target) - set(state) - fresh)
     unexpected = sorted(set(state) - set(target))
     shapes = [
         f"{k}: MiniLM {tuple(state[k].shape)} vs ours {tuple(target[k].shape)}"
@@ -145,4 +151,4 @@ def load_minilm_into(text_encoder: TextEncoder, path: Path | None = None) -> Non
             if items:
                 parts.append(f"{label} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
         raise ValueError("MiniLM weights do not fit this text encoder: " + "; ".join(parts) + f". {hint}")
-    text_encoder.load_state_dict(state, strict=True)
+    text_encoder.load_state_dict({**{k: target[k] for k in fresh}, **state}, strict=True)
