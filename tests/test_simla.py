@@ -17,8 +17,10 @@ from vlp.cli.main import main
 from vlp.config import build_config, load_config
 from vlp.data.datasets import PairDataset, collate, distinct_images
 from vlp.methods import build_method
-from vlp.methods.simla import SharedEncoderRetrieval, Simla, psl_loss, psl_targets
+from vlp.methods.simla import SharedEncoderRetrieval, Simla, psl_loss, psl_targets, read_positions
+from vlp.models.losses import IGNORE_INDEX, mlm_loss
 from vlp.models.model import VLModel
+from vlp.models.text import TextEncoder
 from vlp.train.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,6 +167,7 @@ def test_faithful_quirks_change_what_the_reference_changes(world, tok):
     _, faithful = build("simla", tok, world=world)
     faithful.cfg = faithful.cfg.model_copy(update={"faithful_quirks": True})
     faithful.load_state_dict(ours.state_dict())
+    faithful.model.length_buckets = faithful.model_m.length_buckets = 1  # quirk 6 reads the padded positions
     ours.train(), faithful.train()
     batch = batch_of(world, tok, rows=4)
     batch.sample_keys = torch.arange(4)
@@ -261,3 +264,132 @@ def test_vlp_tokenizer_image_writes_a_file_simla_loads(tmp_path, capsys):
     with pytest.raises(ValueError, match="image_vocab_size"):
         build_method(wrong, VLModel(wrong.model, tok.vocab_size, tok.pad_id), tok, world_class_words())
     assert main(["tokenizer", "image", "--config", "albef_tiny", "--out", str(tmp_path / "x.safetensors")]) != 0
+
+
+# ------------------------------------------------------------------------- step time: the same numbers, less work
+def test_read_positions_list_each_rows_selected_positions_in_order():
+    selected = torch.tensor([[False, True, False, True], [True, False, False, False], [False] * 4])
+    read, valid = read_positions(selected)
+    assert read.tolist() == [[1, 3], [0, 0], [0, 0]]
+    assert valid.tolist() == [[True, True], [True, False], [False, False]]
+    states = torch.arange(12.0).view(3, 4, 1)
+    picked = states.gather(1, read.unsqueeze(-1))[valid]
+    assert torch.equal(picked, states[selected])  # same rows, same order
+    read, valid = read_positions(torch.zeros(2, 3, dtype=torch.bool))
+    assert read.shape == (2, 1) and not valid.any()  # nothing selected: one dummy read per row
+
+
+def _shared_encoder(tok, k: int, norm: str = "post") -> VLModel:
+    cfg = build_config({"model": {"size": "tiny", "length_buckets": k, "embed_dim": 16,
+                                  "vision": {"image_size": 32, "width": 32, "depth": 1, "heads": 2},
+                                  "text": {"width": 32, "depth": 2, "heads": 2, "cross_attention": True, "norm": norm},
+                                  "fusion": {"depth": 0}}})
+    torch.manual_seed(0)
+    return VLModel(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id).eval()
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_reading_a_few_positions_gives_the_full_stacks_states_and_gradients_there(tok, norm):
+    """`forward_from_embeddings(read=...)` runs the last layer at the read positions only: the states there (and
+    the gradient through them) are the full stack's, in every mode, with and without length buckets; the
+    [CLS] attention of the PSL pass is the same per bucket, 0 at padding."""
+    lengths = torch.tensor([3, 12, 7, 20, 5, 9])
+    T = 24
+    mask = (torch.arange(T) < lengths[:, None]).long()
+    ids = torch.randint(5, tok.vocab_size, (6, T), generator=torch.Generator().manual_seed(0))
+    ids = ids.masked_fill(mask == 0, tok.pad_id)
+    image = torch.randn(6, 17, 32, generator=torch.Generator().manual_seed(1))
+    selected = torch.zeros(6, T, dtype=torch.bool)
+    selected[0, [0, 2]] = selected[1, [1, 5, 11]] = selected[3, [0, 19]] = selected[4, :5] = True  # rows 2, 5: none
+    read, valid = read_positions(selected)
+    whole = _shared_encoder(tok, 1, norm)
+    x = whole.text.embed(ids)
+    for k in (1, 2):
+        model = _shared_encoder(tok, k, norm)
+        for context in (None, image):  # text mode, multimodal mode
+            leaf_full, leaf_read = x.detach().requires_grad_(), x.detach().requires_grad_()
+            full = whole.text.forward_from_embeddings(leaf_full, mask, context)[selected]
+            part = model.text.forward_from_embeddings(leaf_read, mask, context, read=read)
+            assert part.shape == (6, read.shape[1], 32)
+            torch.testing.assert_close(part[valid], full, rtol=1e-5, atol=1e-5)
+            weights = torch.randn(full.shape, generator=torch.Generator().manual_seed(2))
+            (full * weights).sum().backward()
+            (part[valid] * weights).sum().backward()
+            torch.testing.assert_close(leaf_read.grad, leaf_full.grad, rtol=1e-4, atol=1e-5)
+        attention = model.text.cls_attention(x, mask, image)
+        torch.testing.assert_close(attention, whole.text.cls_attention(x, mask, image), rtol=1e-5, atol=1e-6)
+        assert attention.shape == (6, 2, T) and attention.masked_select(mask[:, None, :] == 0).abs().max() == 0
+    # image-as-query mode (no query mask): the masked patches of 17 image tokens attending to the caption
+    queries = whole.text.embed_features(image)
+    patch_mask = torch.rand(6, 16, generator=torch.Generator().manual_seed(3)) < 0.3
+    patch_read, patch_valid = read_positions(patch_mask)
+    full = whole.text.forward_from_embeddings(queries, None, x, mask)[:, 1:][patch_mask]
+    part = whole.text.forward_from_embeddings(queries, None, x, mask, read=patch_read + 1)[patch_valid]
+    torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-5)
+
+
+def _simla_two_layers(world, tok) -> Simla:
+    """SIMLA at the contract size with a 2-layer shared encoder (the read path's last layer is not the first)
+    and alpha at its full value (every momentum pass runs)."""
+    cfg = build_config(contract_config("simla").model_dump(mode="json"), ["model.text.depth=2"])
+    torch.manual_seed(0)
+    method = build_method(cfg, VLModel(cfg.model, tok.vocab_size, tok.pad_id), tok, world_class_words())
+    method.prepare(distinct_images(PairDataset(world.split("train"), tok, 40, max_words=40),
+                                   method.images_to_prepare()))
+    method.step.fill_(cfg.method.alpha_ramp_steps)
+    assert method.current_alpha() == cfg.method.alpha > 0
+    return method.train()
+
+
+def test_mlm_and_mim_reading_the_masked_positions_equal_the_full_passes(world, tok):
+    """MLM and MIM (and their momentum soft targets) computed from the full passes' states at the masked
+    positions give the losses `_mlm` / `_mim` compute with the last layer at those positions only."""
+    method = _simla_two_layers(world, tok)
+    model, model_m, alpha = method.model, method.model_m, method.current_alpha()
+    batch = batch_of(world, tok, rows=6)
+    ids, attn, images = batch.input_ids, batch.attention_mask, batch.images
+    image, image_m = model.encode_image(images).tokens, model_m.encode_image(images).tokens
+    masked_ids, labels = method.mask(batch)
+    selected = labels != IGNORE_INDEX
+    assert selected.any() and selected.sum(1).min() < selected.sum(1).max()  # rows of different counts
+    logits = model.mlm_logits(model.encode_multimodal(masked_ids, attn, image).text[selected])
+    soft = torch.softmax(model_m.mlm_logits(model_m.encode_multimodal(masked_ids, attn, image_m).text[selected]), -1)
+    expected = mlm_loss(logits, labels[selected], soft_targets=soft, alpha=alpha)
+    torch.testing.assert_close(method._mlm(batch, image, image_m, alpha)[0], expected, rtol=1e-5, atol=1e-6)
+
+    context, context_m = model.encode_text(ids, attn), model_m.encode_text(ids, attn)
+    patch_mask = method.mim_mask(batch)
+    states = method._image_queries(model, method.heads.mask_token, images, patch_mask, context, attn)
+    states_m = method._image_queries(model_m, method.heads_m.mask_token, images, patch_mask, context_m, attn)
+    expected = mlm_loss(method.heads.mim_head(states[patch_mask]), method.visual_tokenizer.encode(images)[patch_mask],
+                        soft_targets=torch.softmax(method.heads_m.mim_head(states_m[patch_mask]), -1), alpha=alpha)
+    torch.testing.assert_close(method._mim(batch, context, context_m, alpha)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_simla_losses_and_gradients_do_not_depend_on_the_buckets(world, tok):
+    """simla_tiny / demo_simla run with model.length_buckets: 3: every loss part and gradient of a step (ITM,
+    MLM and PSL passes bucketed, momentum passes included) is the unbucketed one to float rounding."""
+    method = _simla_two_layers(world, tok)
+    batch = batch_of(world, tok, rows=8)
+    lengths = batch.attention_mask.sum(1)
+    assert int(lengths.max()) >= 2 * int(lengths.min())  # captions of mixed length: buckets cut something
+
+    def step(k: int) -> tuple[dict, dict]:
+        for sub in method.modules():
+            if isinstance(sub, TextEncoder):
+                sub.length_buckets = k
+        method.zero_grad(set_to_none=True)
+        out = method(batch)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+        return {n: v.detach().clone() for n, v in out.items()}, grads
+
+    ref_out, ref_grads = step(1)
+    for k in (2, 20):
+        out, grads = step(k)
+        assert set(out) == set(ref_out) and set(grads) == set(ref_grads)
+        for part, value in ref_out.items():
+            torch.testing.assert_close(out[part], value, rtol=1e-5, atol=1e-6, msg=f"{part} k={k}")
+        for name, grad in ref_grads.items():
+            scale = float(grad.abs().max()) or 1.0
+            torch.testing.assert_close(grads[name] / scale, grad / scale, rtol=0, atol=1e-5, msg=f"grad {name} k={k}")

@@ -57,6 +57,14 @@ captions of the same image are ITC positives and never ITM negatives (§1.6.8); 
 full (empty rows are not used) but its length must be a multiple of the global batch, as the code asserts;
 [SEP] is never masked (`mask_tokens`); masks and negatives come from per-sample keyed randomness.
 
+Step cost (simla_tiny, B = 64, FlopCounterMode, alpha > 0; issue 12): ~115 GFLOP a step against ~35 for
+albef_tiny at the same widths, because the paper's step runs four ViT passes (online plain and masked, each with
+a backward, and their momentum copies: ~41 GFLOP, more than ALBEF's whole step), MIM's image-as-query passes
+(~43 GFLOP with its ViT), and ITM over 3B pairs through all shared layers from the embeddings (~25 GFLOP; ALBEF's
+ITM runs only its fusion layers on cached text states). What the step does not compute: states no loss reads
+(the last layer runs at the [CLS] for ITM and at the masked tokens / patches for MLM / MIM, `read_positions`),
+and, with `model.length_buckets`, padding past each bucket's longest caption (text, ITM, MLM and PSL passes).
+
 Shapes: B batch, T tokens, P patches, Dv ViT width (= D, the shared encoder's width: image tokens are its
 queries in MIM), E ITC width, V text vocabulary, Vi visual-token vocabulary.
 """
@@ -187,6 +195,18 @@ def psl_targets(cls_attention: Tensor, input_ids: Tensor, attention_mask: Tensor
     if faithful:
         targets[:, cls_id] = 0.0
     return targets
+
+
+def read_positions(selected: Tensor) -> tuple[Tensor, Tensor]:
+    """The positions a pass reads, for `TextEncoder.forward_from_embeddings(read=...)`: selected (B, T) bool ->
+    (read (B, K) long, valid (B, K) bool), K = max(1, the most positions selected in a row). Row b holds its
+    selected positions in increasing order, then 0s (valid False), so `states[valid]` of the (B, K, D) read
+    states lists the same rows in the same order as `full_states[selected]`."""
+    counts = selected.sum(dim=1)
+    K = max(1, int(counts.max())) if selected.shape[0] else 1
+    order = torch.sort((~selected).to(torch.uint8), dim=1, stable=True).indices[:, :K]  # selected first, in order
+    valid = torch.arange(order.shape[1], device=selected.device) < counts[:, None]
+    return order.masked_fill(~valid, 0), valid
 
 
 def psl_loss(concept_logits: Tensor, hard: Tensor, soft: Optional[Tensor], alpha: float) -> Tensor:
@@ -484,11 +504,12 @@ class Simla(PretrainMethod):
         image_all = all_gather_with_grad(image_tokens)
         embeddings_all = all_gather_with_grad(embeddings)
         attn_all = all_gather_no_grad(attn)
-        fused = self.model.encode_multimodal(
-            None, torch.cat([attn, attn, attn_all[neg_text]]),
+        # multimodal mode on the 3B pairs; only the [CLS] is read, so the last layer runs at position 0 alone
+        cls = self.model.text.forward_from_embeddings(
+            torch.cat([embeddings, embeddings, embeddings_all[neg_text]]), torch.cat([attn, attn, attn_all[neg_text]]),
             torch.cat([image_tokens, image_all[neg_image], image_tokens]),
-            embeddings=torch.cat([embeddings, embeddings, embeddings_all[neg_text]]))
-        logits = self.model.itm_logits(fused.cls)  # (3B, 2)
+            read=torch.zeros(3 * size, 1, dtype=torch.long, device=attn.device))[:, 0]
+        logits = self.model.itm_logits(cls)  # (3B, 2)
         labels = torch.cat([torch.ones(size, dtype=torch.long, device=logits.device),
                             torch.zeros(2 * size, dtype=torch.long, device=logits.device)])
         return itm_loss(logits, labels), (logits.argmax(dim=1) == labels).float().mean().detach()
@@ -521,9 +542,9 @@ class Simla(PretrainMethod):
         attn = batch.attention_mask
         masked_ids, labels = self.mask(batch)
         selected = labels != IGNORE_INDEX
-        hidden = self.model.encode_multimodal(masked_ids, attn, image_tokens).text
         targets = labels[selected]
         if self.cfg.faithful_quirks and alpha > 0:  # quirk 6: the soft term's log-softmax over the sequence axis
+            hidden = self.model.encode_multimodal(masked_ids, attn, image_tokens).text
             logits_full = self.model.mlm_logits(hidden)  # (B, T, V)
             with torch.no_grad():
                 soft = torch.softmax(self.model_m.mlm_logits(
@@ -534,13 +555,17 @@ class Simla(PretrainMethod):
             means = global_token_mean(torch.stack([nll.sum(), seq_soft[selected].sum()]), selected.sum(), "mlm")
             loss = (1 - alpha) * means[0] + alpha * means[1]
             logits = logits_full[selected]
-        else:
-            logits = self.model.mlm_logits(hidden[selected])  # (M, V)
+        else:  # the last layer at the masked positions only (the states nothing reads are not computed)
+            read, valid = read_positions(selected)
+            hidden = self.model.text.forward_from_embeddings(self.model.text.embed(masked_ids), attn, image_tokens,
+                                                             read=read)
+            logits = self.model.mlm_logits(hidden[valid])  # (M, V), as hidden[selected] of the full states
             soft = None
             if alpha > 0:
                 with torch.no_grad():
-                    hidden_m = self.model_m.encode_multimodal(masked_ids, attn, image_tokens_m).text
-                    soft = torch.softmax(self.model_m.mlm_logits(hidden_m[selected]).float(), dim=-1)
+                    hidden_m = self.model_m.text.forward_from_embeddings(self.model_m.text.embed(masked_ids), attn,
+                                                                         image_tokens_m, read=read)
+                    soft = torch.softmax(self.model_m.mlm_logits(hidden_m[valid]).float(), dim=-1)
             loss = mlm_loss(logits, targets, soft_targets=soft, alpha=alpha, name="mlm")  # global-batch mean
         accuracy = (logits.argmax(dim=-1) == targets).float().sum() / max(int(targets.numel()), 1)
         return loss, accuracy.detach()
@@ -551,12 +576,17 @@ class Simla(PretrainMethod):
         return self.block_masks(uniforms)
 
     def _image_queries(self, model: VLModel, mask_token: Tensor, images: Tensor, patch_mask: Tensor,
-                       context: Tensor, attn: Tensor) -> Tensor:
+                       context: Tensor, attn: Tensor, masked_only: bool = False) -> Tensor:
         """Image-as-query mode: the masked ViT output (B, 1+P, Dv) through the shared encoder attending to
-        `context` (B, T, D) -> the patch states (B, P, D) (CLS dropped)."""
+        `context` (B, T, D) -> the patch states (B, P, D) (CLS dropped); with `masked_only` the states of the
+        masked patches alone (M, D), row-major as `states[patch_mask]` (MIM reads nothing else, so the last
+        layer runs at those positions only)."""
         tokens = model.vision(images, patch_mask=patch_mask, mask_token=mask_token).tokens
         queries = model.text.embed_features(tokens, positions=self.cfg.faithful_quirks)
-        return model.text.forward_from_embeddings(queries, None, context, attn)[:, 1:]
+        if not masked_only:
+            return model.text.forward_from_embeddings(queries, None, context, attn)[:, 1:]
+        read, valid = read_positions(patch_mask)
+        return model.text.forward_from_embeddings(queries, None, context, attn, read=read + 1)[valid]  # CLS at 0
 
     def _mim(self, batch: Batch, context: Tensor, context_m: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
         """MIM(image | text), §1.2 (c): CE of the visual-token codes at the masked patches, (1 - alpha) hard +
@@ -564,15 +594,16 @@ class Simla(PretrainMethod):
         images, attn = batch.images, batch.attention_mask
         patch_mask = self.mim_mask(batch)  # (B, P)
         targets = self.visual_tokenizer.encode(images)  # (B, P)
-        states = self._image_queries(self.model, self.heads.mask_token, images, patch_mask, context, attn)
-        logits = self.heads.mim_head(states[patch_mask])  # (M, Vi)
+        states = self._image_queries(self.model, self.heads.mask_token, images, patch_mask, context, attn,
+                                     masked_only=True)
+        logits = self.heads.mim_head(states)  # (M, Vi)
         hard_targets = targets[patch_mask]
         soft = None
         if alpha > 0:
             with torch.no_grad():
                 states_m = self._image_queries(self.model_m, self.heads_m.mask_token, images, patch_mask,
-                                               context_m, attn)
-                soft = torch.softmax(self.heads_m.mim_head(states_m[patch_mask]).float(), dim=-1)
+                                               context_m, attn, masked_only=True)
+                soft = torch.softmax(self.heads_m.mim_head(states_m).float(), dim=-1)
         loss = mlm_loss(logits, hard_targets, soft_targets=soft, alpha=alpha, name="mim")  # global-batch mean
         accuracy = (logits.argmax(dim=-1) == hard_targets).float().sum() / max(int(hard_targets.numel()), 1)
         return loss, accuracy.detach()
@@ -597,4 +628,4 @@ class Simla(PretrainMethod):
         return loss, hard.sum(dim=1).mean().detach()
 
 
-__all__ = ["SharedEncoderRetrieval", "Simla", "SimlaConfig", "SimlaHeads", "psl_loss", "psl_targets"]
+__all__ = ["SharedEncoderRetrieval", "Simla", "SimlaConfig", "SimlaHeads", "psl_loss", "psl_targets", "read_positions"]

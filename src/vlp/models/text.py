@@ -17,6 +17,9 @@ encoder), "multimodal" mode (text queries attend to the image) and with image to
 With `length_buckets` k > 1 the Transformer stack runs on k sub-batches of similar caption length, each cut
 to its longest caption (`vlp.models.buckets`; config `model.length_buckets`): same states at real positions
 to float rounding, zeros past a row's bucket length.
+
+A pass whose output is read at a few positions (`forward_from_embeddings(read=...)`: SIMLA's ITM reads the [CLS],
+MLM / MIM the masked tokens / patches) runs its last layer at those positions only (`block_at`).
 """
 
 from __future__ import annotations
@@ -102,22 +105,33 @@ class TextEncoder(nn.Module):
 
     def forward_from_embeddings(
         self, x: Tensor, attention_mask: Optional[Tensor] = None, context: Optional[Tensor] = None,
-        context_mask: Optional[Tensor] = None,
+        context_mask: Optional[Tensor] = None, read: Optional[Tensor] = None,
     ) -> Tensor:
         """x (B,T,D) embeddings, attention_mask (B,T) 1 = real token -> hidden states (B,T,D); with
         `context` (B,S,cross_dim) and `context_mask` (B,S) every layer cross-attends to it.
 
+        `read` (B,K) long: only the states at these positions are wanted -> (B,K,D), row b's states at
+        positions read[b] (the [CLS] for ITM, the masked tokens / patches for MLM / MIM). The last layer then
+        runs its queries, cross-attention and MLP at those positions only (`block_at`; keys and values still
+        come from every position), the same states to float rounding at a fraction of the last layer's cost.
+
         With `length_buckets` > 1 and a mask, the stack runs per length bucket: positions past a row's
-        bucket length come back as 0 (every reader masks them)."""
+        bucket length come back as 0 (every reader masks them); `read` positions must be real tokens."""
         self._check_context(context)
-        return run_in_length_buckets(self._stack, attention_mask, self.length_buckets, text=(x,),
-                                     rows=(context, context_mask))
+        out = run_in_length_buckets(self._stack, attention_mask, self.length_buckets, text=(x,),
+                                    rows=(context, context_mask, read))
+        # per bucket the (b,K,D) read states come back as the text-shaped output (K <= T), padded to T: cut back
+        return out if read is None else out[:, : read.shape[1]]
 
     def _stack(self, attention_mask: Optional[Tensor], x: Tensor, context: Optional[Tensor],
-               context_mask: Optional[Tensor]) -> Tensor:
-        """The blocks and the final norm over x (b,L,D) with mask (b,L) [and context (b,S,·), mask (b,S)]."""
-        for block in self.blocks:
+               context_mask: Optional[Tensor], read: Optional[Tensor] = None) -> Tensor:
+        """The blocks and the final norm over x (b,L,D) with mask (b,L) [and context (b,S,·), mask (b,S)];
+        with `read` (b,K) the last block at those positions only -> (b,K,D)."""
+        blocks = self.blocks if read is None else self.blocks[:-1]
+        for block in blocks:
             x = block(x, mask=attention_mask, context=context, context_mask=context_mask)
+        if read is not None:
+            x = block_at(self.blocks[-1], x, read, attention_mask, context, context_mask)
         return self.final_norm(x)
 
     def cls_attention(
@@ -125,11 +139,20 @@ class TextEncoder(nn.Module):
         context_mask: Optional[Tensor] = None,
     ) -> Tensor:
         """The last layer's self-attention probabilities of the [CLS] query, (B,H,T), for embeddings x
-        (B,T,D) (SIMLA's pseudo-keyword selection reads them, spec §1.2 (d)); runs every layer but the last."""
+        (B,T,D) (SIMLA's pseudo-keyword selection reads them, spec §1.2 (d)); runs every layer but the last.
+        Per length bucket (`length_buckets`): positions past a row's bucket length get probability 0, as every
+        padded position does."""
         self._check_context(context)
+        probs = run_in_length_buckets(self._cls_attention_rows, attention_mask, self.length_buckets, text=(x,),
+                                      rows=(context, context_mask))
+        return probs.transpose(1, 2)
+
+    def _cls_attention_rows(self, attention_mask: Optional[Tensor], x: Tensor, context: Optional[Tensor],
+                            context_mask: Optional[Tensor]) -> Tensor:
+        """`cls_attention` of one bucket, position-major: (b,L,H)."""
         for block in self.blocks[:-1]:
             x = block(x, mask=attention_mask, context=context, context_mask=context_mask)
-        return self.blocks[-1].self_attention_probs(x, attention_mask, query=0)
+        return self.blocks[-1].self_attention_probs(x, attention_mask, query=0).transpose(1, 2)
 
     def forward(
         self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, token_type_ids: Optional[Tensor] = None,
@@ -144,3 +167,25 @@ class TextEncoder(nn.Module):
         """Forward matmul FLOPs for one sequence of text_len tokens (embedding lookups are free), cross-
         attending to context_len tokens (0: text mode)."""
         return sum(block.flops(text_len, context_len) for block in self.blocks)
+
+
+def block_at(block: Block, x: Tensor, read: Tensor, mask: Optional[Tensor] = None, context: Optional[Tensor] = None,
+             context_mask: Optional[Tensor] = None) -> Tensor:
+    """`block(x, mask, context, context_mask)` at the positions `read` only: x (B,T,D), read (B,K) long -> (B,K,D).
+
+    The queries are the rows' states at `read`; self-attention keys and values still come from every position
+    of x (under `mask`), then the block's cross-attention and MLP run on the K positions: `Block.forward`'s
+    sub-layers in its order, each of them per position, so the result equals the full block's at those
+    positions up to float rounding. For a last layer whose output is read at a few positions (SIMLA reads the
+    [CLS] for ITM, the masked tokens / patches for MLM / MIM)."""
+    q = x.gather(1, read.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B,K,D)
+    cross = block.cross is not None and block.norm_cross is not None and context is not None
+    if block.norm_type == "pre":
+        q = q + block.attn(block.norm1(q), block.norm1(x), mask)
+        if cross:
+            q = q + block.cross(block.norm_cross(q), context, context_mask)
+        return q + block.mlp(block.norm2(q))
+    q = block.norm1(q + block.attn(q, x, mask))
+    if cross:
+        q = block.norm_cross(q + block.cross(q, context, context_mask))
+    return block.norm2(q + block.mlp(q))
