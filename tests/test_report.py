@@ -93,6 +93,35 @@ def test_unpaired_methods_and_variants_plan_once_per_seed_at_zero_pairs(tmp_path
     assert lines["vlmixer:method.cmc_ratio=0"][-1] == "not reached"
 
 
+def test_world_cells_keep_their_keys_overrides_and_directories(tmp_path):
+    """The world arm's cells as report directories written before the corpus arm hold them: a 4-part key, the
+    same overrides in the same order and the same run directories, so such a directory resumes unchanged."""
+    cells = report.plan_cells(tmp_path, ["clip"], [100], [0], ["retrieval", "ve"], steps=4, batch_size=8,
+                              finetune_steps=2, overrides=["eval.num_images=12"], finetune_overrides=["task.train_size=8"])
+    demo_ft = ["train.steps=80", "train.batch_size=16", "train.warmup_steps=8", "train.log_every=40",
+               "task.train_size=1280", "task.eval_size=250", "task.eval_splits=[test]", "data.world_seed=0",
+               "train.steps=2"]
+    assert [(c.kind, c.key, c.overrides, c.run_dir) for c in cells] == [
+        ("floor", ("text-only", 0, None, "ve"), [*demo_ft, "task.train_size=8"], None),
+        ("finetune", ("scratch", 0, 0, "ve"), [*demo_ft, "train.seed=0", "task.train_size=8"],
+         tmp_path / "finetune" / "scratch_s0" / "ve"),
+        ("pretrain", ("clip", 100, 0, "retrieval"),
+         ["data.budget=100", "train.seed=0", "data.world_seed=0", "train.steps=4", "train.batch_size=8",
+          "train.progress=false", "train.tensorboard=false", "eval.num_images=12"],
+         tmp_path / "pretrain" / "clip" / "b100_s0"),
+        ("finetune", ("clip", 100, 0, "ve"), [*demo_ft, "train.seed=0", "task.train_size=8"],
+         tmp_path / "finetune" / "clip_b100_s0" / "ve"),
+    ]
+    assert all(c.corpus == "world" and not c.score_overrides for c in cells)
+
+
+def test_rows_written_before_the_corpus_column_are_world_rows(tmp_path):
+    """results.jsonl rows without "corpus" (written before it existed) keep their world keys and get the column."""
+    row = {"method": "clip", "budget": 100, "seed": 0, "task": "ve", "metric": "VE_acc", "value": 50.0}
+    (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
+    assert report._read_rows(tmp_path / "results.jsonl") == {("clip", 100, 0, "ve"): {**row, "corpus": "world"}}
+
+
 @pytest.mark.parametrize("args, message", [
     (["--methods", "albef", "nope"], "unknown method.*nope.*--methods"),
     (["--tasks", "ve", "captioning"], "unknown task.*captioning.*--tasks"),

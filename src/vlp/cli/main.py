@@ -219,17 +219,28 @@ def build_parser() -> argparse.ArgumentParser:
         "data-efficiency",
         help="pre-train methods on paired budgets x seeds, fine-tune each checkpoint, write results.jsonl/.csv, "
              "summary.md (mean ± std, pairs needed to reach the baseline) and one PNG per task; resumable")
-    de.add_argument("--out", default="runs/report_data_efficiency", help="output directory (re-run it to resume)")
+    de.add_argument("--out", default=None,
+                    help="output directory (re-run it to resume; default runs/report_data_efficiency, with --corpus "
+                         "openmoji runs/report_data_efficiency_openmoji)")
+    de.add_argument("--corpus", choices=["world", "openmoji"], default="world",
+                    help="world: the embedded procedural world (default); openmoji: real image-text pairs, the "
+                         "packaged emoji of `vlp data openmoji` (retrieval on its test split, cross-style retrieval on "
+                         "the Noto drawings when the font is installed, and easy-VQA fine-tuning)")
+    de.add_argument("--corpus-dir", default=None, metavar="DIR",
+                    help="--corpus openmoji: the corpus folder, reused when it holds the files, else built there "
+                         "(default: OUT/corpus)")
     de.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                     help="registered methods (default: every method with a demo config); NAME:key=value,... is a "
                          "variant with those pre-training overrides (e.g. an ablation: vlmixer:method.cmc_ratio=0); "
                          "a method without pairs (vlmixer) is pre-trained once per seed at 0 pairs")
     de.add_argument("--budgets", nargs="+", type=int, default=None, metavar="PAIRS",
-                    help="paired-data budgets, prefixes of the world's train pairs (default: 1000 4000 16000 64000)")
+                    help="paired-data budgets, prefixes of the corpus's train pairs (default: 1000 4000 16000 64000; "
+                         "openmoji: 1000 2000 4000 and all its train pairs)")
     de.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED", help="train.seed values (default: 0 1 2)")
     de.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                     help="retrieval (the pre-training's own evaluation), ve, rec, vqa, nlvr2, retrieval_ft "
-                         "(fine-tuned retrieval); default: retrieval ve rec vqa nlvr2")
+                         "(fine-tuned retrieval); default: retrieval ve rec vqa nlvr2; with --corpus openmoji: "
+                         "retrieval retrieval_noto vqa_easy (the default)")
     de.add_argument("--steps", type=int, default=None, help="pre-training steps of every cell (default: 300)")
     de.add_argument("--batch-size", type=int, default=None, help="pre-training batch of every cell (default: 64)")
     de.add_argument("--finetune-steps", type=int, default=None, help="steps of each fine-tune (default: the demo's 80)")
@@ -430,12 +441,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "report":
         start = time.time()
+        from vlp.report import default_out
+
+        out = args.out or default_out(args.corpus)
         summary = api.report_data_efficiency(
-            args.out, methods=args.methods, budgets=args.budgets, seeds=args.seeds, tasks=args.tasks,
+            out, methods=args.methods, budgets=args.budgets, seeds=args.seeds, tasks=args.tasks,
             steps=args.steps, batch_size=args.batch_size, finetune_steps=args.finetune_steps,
-            baseline=args.baseline, overrides=args.overrides, finetune_overrides=args.finetune_overrides)
+            baseline=args.baseline, overrides=args.overrides, finetune_overrides=args.finetune_overrides,
+            corpus=args.corpus, corpus_dir=args.corpus_dir)
         print(summary)
-        print(f"report wall time: {time.time() - start:.0f} s; results: {args.out}")
+        print(f"report wall time: {time.time() - start:.0f} s; results: {out}")
         return 0
     raise AssertionError(args.command)
 
