@@ -36,12 +36,23 @@ def mean_off_diagonal_cosine(x: torch.Tensor) -> float:
     return float((sims.sum() - sims.diag().sum()) / (n * n - n))
 
 
-def run(subset: str, steps: int = 100, batch: int = 64) -> str:
+def run(spec: str, steps: int = 100, batch: int = 64) -> str:
+    """spec: objectives joined by '+', then optional ',key=value' entries: `lr=` sets the peak learning rate,
+    anything else is a config override (e.g. `itc+itm,method.loss_weights.itm=0.1,lr=3e-4`)."""
+    subset, *extra = spec.split(",")
+    lr = 1e-3
+    overrides = []
+    for entry in extra:
+        if entry.startswith("lr="):
+            lr = float(entry[3:])
+        else:
+            overrides.append(entry)
     on = subset.split("+")
     unknown = [o for o in on if o not in OBJECTIVES]
     if unknown:
         raise SystemExit(f"unknown objective(s) {unknown}: pick from {', '.join(OBJECTIVES)} joined by '+'")
-    cfg = load_config("demo_simla", BASE + [f"method.loss_weights.{k}={1.0 if k in on else 0.0}" for k in OBJECTIVES])
+    cfg = load_config("demo_simla", BASE + [f"method.loss_weights.{k}={1.0 if k in on else 0.0}" for k in OBJECTIVES]
+                      + overrides)
     world = build_world(cfg)
     tok = build_tokenizer(cfg, world)
     data = PairDataset(world.split("train"), tok, cfg.data.max_text_len, None, max_words=cfg.data.max_text_len)
@@ -51,7 +62,7 @@ def run(subset: str, steps: int = 100, batch: int = 64) -> str:
     if method.images_to_prepare():
         method.prepare(distinct_images(data, method.images_to_prepare()))
     params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.02)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.02)
     rows = torch.Generator().manual_seed(0)
     itc, start = [], time.time()
     method.train()
@@ -60,7 +71,7 @@ def run(subset: str, steps: int = 100, batch: int = 64) -> str:
         b = collate([data[r] for r in picked])
         b.sample_keys = torch.tensor(picked) + step * len(data)
         for group in optimizer.param_groups:
-            group["lr"] = 1e-3 * min(1.0, (step + 1) / 20)
+            group["lr"] = lr * min(1.0, (step + 1) / 20)
         out = method(b)
         optimizer.zero_grad()
         out["loss"].backward()
@@ -72,7 +83,7 @@ def run(subset: str, steps: int = 100, batch: int = 64) -> str:
     with torch.no_grad():
         text = method.model.text_embed(method.model.encode_text(probe.input_ids, probe.attention_mask))
         image = method.model.image_embed(method.model.encode_image(probe.images).tokens)
-    return (f"{subset:16s} ITC first10 {sum(itc[:10]) / 10:.3f} last10 {sum(itc[-10:]) / 10:.3f}  text cos "
+    return (f"{spec:16s} ITC first10 {sum(itc[:10]) / 10:.3f} last10 {sum(itc[-10:]) / 10:.3f}  text cos "
             f"{mean_off_diagonal_cosine(text):.3f}  image cos {mean_off_diagonal_cosine(image):.3f}  "
             f"({time.time() - start:.0f} s)")
 

@@ -60,8 +60,20 @@ def test_bench_times_the_trainers_own_step(monkeypatch):
 
     monkeypatch.setattr(Trainer, "train_step", counting)
     result = bench_train_step("albef_tiny", SMALL, batch_size=4, steps=2, warmup=1)
-    assert calls == [4] * (2 + 1 + 1)  # FLOP-counted first step, warmup, timed steps
+    assert calls == [4] * (1 + 1 + 2 + 1)  # first step (loss_step0), warmup, timed steps, the FLOP-counted step
     assert result["samples_per_s"] == pytest.approx(4 / result["step_s"])
+
+
+def test_flops_are_counted_past_step_zero():
+    """SIMLA's alpha ramps from 0, and at alpha 0 its momentum soft-target passes are skipped: counted on step
+    0, the ramped config looked cheaper than the same step with alpha on from the start."""
+    simla = ["model.vision.depth=1", "model.text.depth=1", "train.device=cpu", "method.tokenizer_images=4",
+             "method.image_vocab_size=8", "method.queue_size=0"]
+    ramped = bench_train_step("simla_tiny", simla + ["method.alpha_ramp_steps=50"], batch_size=4, steps=1, warmup=0)
+    at_once = bench_train_step("simla_tiny", simla + ["method.alpha_ramp_steps=0"], batch_size=4, steps=1, warmup=0)
+    off = bench_train_step("simla_tiny", simla + ["method.alpha=0"], batch_size=4, steps=1, warmup=0)
+    assert ramped["GFLOP_per_step"] == pytest.approx(at_once["GFLOP_per_step"], rel=1e-6)
+    assert off["GFLOP_per_step"] < 0.95 * at_once["GFLOP_per_step"]  # the soft-target passes are counted
 
 
 # ------------------------------------------------------------------------------------ step breakdown

@@ -157,7 +157,8 @@ def bench_train_step(
 
     A method that samples one task per step (CMAL `task_mixing: ratio`) is timed over `steps` consecutive
     steps of its task schedule, so the mean step time is the one training sees (use enough steps for the
-    mix to show: the ratio 1:3:2 needs ~12+); FLOPs are counted on the first step's task.
+    mix to show: the ratio 1:3:2 needs ~12+). FLOPs are counted on one step after the timed ones (past step 0,
+    where a ramped alpha of 0 skips SIMLA's soft targets); for a task-mixing method, that step's task.
 
     The step timed is the trainer's own (`Trainer.train_step`: autocast, GradScaler, gradient
     accumulation and clipping, LR schedule, `on_step_end`), built from the config's `train` section.
@@ -188,7 +189,7 @@ def bench_train_step(
         method.prepare(batch.images)
     # The trainer's step on the one batch: the global batch is this batch; the schedule covers every call.
     cfg.train.batch_size = batch_size
-    cfg.train.steps = max(cfg.train.steps, steps + warmup + 1)
+    cfg.train.steps = max(cfg.train.steps, steps + warmup + 2)  # + the FLOP-counted step
     cfg.train.tensorboard = False
     cfg.train.progress = False
     with tempfile.TemporaryDirectory(prefix="vlp-bench-") as out_dir:
@@ -211,9 +212,7 @@ def bench_train_step(
             torch.cuda.reset_peak_memory_stats(device)
 
         trainer._next_batch(batches)  # the workers start and render ahead while the first steps run
-        with FlopCounterMode(display=False) as counter:
-            first, _ = trainer.train_step(batch)
-        step_flops = counter.get_total_flops()
+        first, _ = trainer.train_step(batch)
         for _ in range(warmup):
             trainer._next_batch(batches)
             trainer.train_step(batch)
@@ -237,6 +236,12 @@ def bench_train_step(
         step_s = step_total / steps
         peak = 2 * n**3 * reps * steps / mm_total
         phases = {f"{name}_s": trainer.phase_clock.seconds.get(name, 0.0) / steps for name in STEP_PHASES}
+        trainer.phase_clock = None
+        # FLOPs of one step after the timed ones, not of step 0: at step 0 SIMLA's alpha is 0 (ramped) and its
+        # momentum soft-target passes are skipped, which under-counted its step by ~15 %
+        with FlopCounterMode(display=False) as counter:
+            trainer.train_step(batch)
+        step_flops = counter.get_total_flops()
         del mm_a, mm_b
     runtime = trainer.runtime
     precision = runtime.effective_precision
