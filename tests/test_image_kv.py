@@ -117,3 +117,50 @@ def test_albef_refuses_a_single_stream_fusion():
     model = VLModel(cfg.model, vocab_size=VOCAB)
     with pytest.raises(ValueError, match="model.fusion.type must be 'cross'"):
         Albef(model, cfg.method, mask_id=3, special_ids=[0, 1, 2, 3], vocab_size=VOCAB)
+
+
+def shared_encoder_model(buckets: int) -> VLModel:
+    """SIMLA's layout: the text encoder cross-attends in every layer, no fusion encoder."""
+    cfg = ModelConfig(
+        embed_dim=16, length_buckets=buckets,
+        vision=VisionConfig(image_size=32, patch_size=8, width=24, depth=1, heads=2),
+        text=TextConfig(width=32, depth=2, heads=2, max_len=16, cross_attention=True),
+        fusion=FusionConfig(depth=0),
+    )
+    torch.manual_seed(0)
+    return VLModel(cfg, vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize("buckets", [1, 3])
+@pytest.mark.parametrize("read_cls", [False, True])
+def test_shared_encoder_passes_over_one_projection_equal_projecting_every_row(buckets, read_cls):
+    """SIMLA's ITM and MLM passes read one `ImageKV` of the shared text encoder: the states (all of them, or
+    the [CLS] alone through the last layer's read path) and every gradient equal those of passing each row's
+    image tokens."""
+    model = shared_encoder_model(buckets)
+    assert not model.shares_image_kv  # retrieval re-ranking keeps its per-pair path for this layout
+    images = torch.randn(4, 17, 24)
+    rows = torch.tensor([0, 1, 2, 3, 2, 0, 3, 1, 1, 2, 0, 3])
+    ids, mask = text_inputs(rows.numel())
+    read = torch.zeros(rows.numel(), 1, dtype=torch.long) if read_cls else None
+
+    def run(shared: bool):
+        model.zero_grad()
+        tokens = images.clone().requires_grad_(True)
+        x = model.text.embed(ids)
+        context = model.image_kv(tokens).take(rows) if shared else tokens[rows]
+        out = model.text.forward_from_embeddings(x, mask, context, read=read)
+        (out.square().sum() + model.itm_logits(out[:, 0]).sum()).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return out.detach(), tokens.grad, grads
+
+    out_a, tokens_a, grads_a = run(shared=False)
+    out_b, tokens_b, grads_b = run(shared=True)
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tokens_b, tokens_a, rtol=1e-4, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and any(".cross." in name for name in grads_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="carries its own image mask"):
+        model.text.forward_from_embeddings(model.text.embed(ids), mask, model.image_kv(images).take(rows),
+                                           torch.ones(rows.numel(), 17))

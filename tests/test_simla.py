@@ -173,9 +173,10 @@ def test_faithful_quirks_change_what_the_reference_changes(world, tok):
     batch.sample_keys = torch.arange(4)
     image = ours.model.encode_image(batch.images).tokens
     image_m = ours.model_m.encode_image(batch.images).tokens
-    same = [float(m._mlm(batch, image, image_m, alpha=0.0)[0].detach()) for m in (ours, faithful)]
+    same = [float(m._mlm(batch, m.model.image_kv(image), image, image_m, alpha=0.0)[0].detach()) for m in (ours, faithful)]
     assert same[0] == pytest.approx(same[1], rel=1e-5)
-    mixed = [float(m._mlm(batch, image, image_m, alpha=0.4)[0].detach()) for m in (ours, faithful)]
+    mixed = [float(m._mlm(batch, m.model.image_kv(image), image, image_m, alpha=0.4)[0].detach())
+             for m in (ours, faithful)]
     assert abs(mixed[0] - mixed[1]) > 1e-3
     tokens = torch.randn(2, 17, ours.model.cfg.text.width)
     text = ours.model.text
@@ -200,6 +201,27 @@ def test_alpha_ramps_over_the_first_steps_and_the_step_is_state(world, tok):
     for _ in range(5):
         method.on_step_end()
     assert method.current_alpha() == pytest.approx(0.4)
+
+
+def test_loss_ramps_scale_an_objectives_weight_from_zero(world, tok):
+    """`loss_ramp_steps`: ITM's weight is 0 at step 0, half at half the ramp, full after it; the step's loss is
+    the sum of the ramped weights times the parts (an objective at weight 0 still reports its loss)."""
+    _, method = build("simla", tok, world=world)
+    ramps = method.cfg.loss_ramp_steps.model_copy(update={"itm": 4})
+    weights = method.cfg.loss_weights.model_copy(update={"itm": 2.0})
+    method.cfg = method.cfg.model_copy(update={"loss_ramp_steps": ramps, "loss_weights": weights})
+    assert method.current_weights() == {"itc": 1.0, "itm": 0.0, "mlm": 1.0, "mim": 1.0, "psl": 1.0}
+    out = method(batch_of(world, tok, 4))
+    assert float(out["itm"]) > 0.1  # computed and reported, weighted 0
+    expected = sum(float(out[k]) for k in ("itc", "mlm", "mim", "psl"))
+    assert float(out["loss"].detach()) == pytest.approx(expected, rel=1e-5)
+    for _ in range(2):
+        method.on_step_end()
+    assert method.current_weights()["itm"] == pytest.approx(1.0)
+    for _ in range(3):
+        method.on_step_end()
+    assert method.current_weights()["itm"] == 2.0
+    assert method.itm_steps(10) == 9  # step 0 trained ITM at weight 0
 
 
 def test_retrieval_finetune_objective_reaches_what_it_declares(world, tok):
@@ -355,7 +377,8 @@ def test_mlm_and_mim_reading_the_masked_positions_equal_the_full_passes(world, t
     logits = model.mlm_logits(model.encode_multimodal(masked_ids, attn, image).text[selected])
     soft = torch.softmax(model_m.mlm_logits(model_m.encode_multimodal(masked_ids, attn, image_m).text[selected]), -1)
     expected = mlm_loss(logits, labels[selected], soft_targets=soft, alpha=alpha)
-    torch.testing.assert_close(method._mlm(batch, image, image_m, alpha)[0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(method._mlm(batch, model.image_kv(image), image, image_m, alpha)[0], expected,
+                               rtol=1e-5, atol=1e-6)
 
     context, context_m = model.encode_text(ids, attn), model_m.encode_text(ids, attn)
     patch_mask = method.mim_mask(batch)

@@ -327,17 +327,12 @@ class Albef(PretrainMethod):
         attn = pad_length(attn, length)
         text_hidden_all = all_gather_with_grad(text_hidden)
         attn_all = all_gather_no_grad(attn)
-        local = torch.arange(size, device=attn.device)
-        if world_size() > 1:  # negatives from every rank: project them after this rank's images
-            images = self.model.image_kv(torch.cat([image_tokens, all_gather_with_grad(image_tokens)[neg_image]]))
-            neg_rows = local + size
-        else:
-            images, neg_rows = self.model.image_kv(image_tokens), neg_image
+        images = self.model.itm_image_kv(image_tokens, neg_image)  # one K/V projection for the 3B rows
 
         fused = self.model.fuse(
             torch.cat([text_hidden, text_hidden, text_hidden_all[neg_text]]),
             torch.cat([attn, attn, attn_all[neg_text]]),
-            images.take(torch.cat([local, neg_rows, local])),
+            images,
         )
         logits = self.model.itm_logits(fused.cls)  # (3B, 2)
         labels = torch.cat([torch.ones(size, dtype=torch.long, device=logits.device),

@@ -57,13 +57,15 @@ captions of the same image are ITC positives and never ITM negatives (§1.6.8); 
 full (empty rows are not used) but its length must be a multiple of the global batch, as the code asserts;
 [SEP] is never masked (`mask_tokens`); masks and negatives come from per-sample keyed randomness.
 
-Step cost (simla_tiny, B = 64, FlopCounterMode, alpha > 0; issue 12): ~115 GFLOP a step against ~35 for
+Step cost (simla_tiny, B = 64, FlopCounterMode, alpha > 0; issue 12): ~105 GFLOP a step against ~34 for
 albef_tiny at the same widths, because the paper's step runs four ViT passes (online plain and masked, each with
 a backward, and their momentum copies: ~41 GFLOP, more than ALBEF's whole step), MIM's image-as-query passes
 (~43 GFLOP with its ViT), and ITM over 3B pairs through all shared layers from the embeddings (~25 GFLOP; ALBEF's
 ITM runs only its fusion layers on cached text states). What the step does not compute: states no loss reads
 (the last layer runs at the [CLS] for ITM and at the masked tokens / patches for MLM / MIM, `read_positions`),
-and, with `model.length_buckets`, padding past each bucket's longest caption (text, ITM, MLM and PSL passes).
+the images' cross-attention keys/values once per pass row (ITM's 3B rows and MLM's B project each image once:
+`ImageKV`, 115 -> 105 GFLOP), and, with `model.length_buckets`, padding past each bucket's longest caption (text,
+ITM, MLM and PSL passes).
 
 Shapes: B batch, T tokens, P patches, Dv ViT width (= D, the shared encoder's width: image tokens are its
 queries in MIM), E ITC width, V text vocabulary, Vi visual-token vocabulary.
@@ -81,6 +83,7 @@ from torch import Tensor, nn
 from vlp.config import MethodConfig, RunConfig, Section
 from vlp.methods.base import PretrainMethod
 from vlp.models.fusion import FusionOutput
+from vlp.models.layers import ImageKV
 from vlp.models.losses import (
     IGNORE_INDEX,
     all_gather_no_grad,
@@ -116,6 +119,18 @@ class SimlaLossWeights(Section):
     psl: float = Field(1.0, ge=0)
 
 
+class SimlaLossRamps(Section):
+    """Optimizer steps over which each objective's weight ramps linearly from 0 to its `loss_weights` value
+    (0 = full weight from step 0, as the reference). Not in the paper: for training from scratch, where ITM
+    and MIM at full weight collapse the shared encoder's text [CLS] before ITC separates the captions."""
+
+    itc: int = Field(0, ge=0)
+    itm: int = Field(0, ge=0)
+    mlm: int = Field(0, ge=0)
+    mim: int = Field(0, ge=0)
+    psl: int = Field(0, ge=0)
+
+
 class SimlaConfig(MethodConfig):
     """The `method:` section of SIMLA (`name: simla`); defaults are the reference's (§1.2-1.4)."""
 
@@ -138,6 +153,7 @@ class SimlaConfig(MethodConfig):
     psl_keywords: int = Field(5, ge=1)  # keywords per caption (top-n positions by count)
     faithful_quirks: bool = False  # reproduce the reference code's quirks 2, 3, 4, 6 (module docstring)
     loss_weights: SimlaLossWeights = Field(default_factory=SimlaLossWeights)
+    loss_ramp_steps: SimlaLossRamps = Field(default_factory=SimlaLossRamps)
 
 
 class SimlaHeads(nn.Module):
@@ -359,8 +375,19 @@ class Simla(PretrainMethod):
         return unused
 
     def itm_steps(self, steps: int) -> Optional[int]:
-        """Every step trains ITM when its weight is positive (the objectives are summed each step)."""
-        return int(steps) if self.cfg.loss_weights.itm > 0 else 0
+        """Every step trains ITM when its weight is positive (the objectives are summed each step), but step 0
+        of a ramped ITM weight (`loss_ramp_steps.itm`), whose weight is 0 there."""
+        if self.cfg.loss_weights.itm <= 0:
+            return 0
+        return max(0, int(steps) - 1) if self.cfg.loss_ramp_steps.itm else int(steps)
+
+    def current_weights(self) -> dict[str, float]:
+        """Each objective's weight at this step: `loss_weights`, ramped linearly from 0 over its
+        `loss_ramp_steps` (0 = no ramp)."""
+        ramps = self.cfg.loss_ramp_steps
+        return {k: getattr(self.cfg.loss_weights, k) * (min(1.0, float(self.step) / getattr(ramps, k))
+                                                         if getattr(ramps, k) else 1.0)
+                for k in ("itc", "itm", "mlm", "mim", "psl")}
 
     def current_alpha(self) -> float:
         """alpha, ramped linearly from 0 over `alpha_ramp_steps` optimizer steps (the code: over epoch 0)."""
@@ -457,13 +484,17 @@ class Simla(PretrainMethod):
             parts["itc"] = contrastive_loss(image_emb, text_emb, temp, image_ids, gather=True, **distill)
         else:
             parts["itc"] = zero
+        # the multimodal passes (ITM's three, MLM's) share one K/V projection of each image (`ImageKV`)
+        image_kv: Optional[ImageKV] = None
         if weights.itm != 0:
-            parts["itm"], parts["itm_acc"] = self._itm(batch, image_tokens, embeddings, image_emb, text_emb, temp,
-                                                       image_ids, ids_global)
+            parts["itm"], parts["itm_acc"], image_kv = self._itm(batch, image_tokens, embeddings, image_emb, text_emb,
+                                                                 temp, image_ids, ids_global)
         else:
             parts["itm"], parts["itm_acc"] = zero, zero.detach()
         if weights.mlm != 0:
-            parts["mlm"], parts["mlm_acc"] = self._mlm(batch, image_tokens, image_tokens_m, alpha)
+            local = torch.arange(size, device=device)  # this rank's images: rows 0..B-1 of the ITM projection
+            images = image_kv.take(local) if image_kv is not None else self.model.image_kv(image_tokens)
+            parts["mlm"], parts["mlm_acc"] = self._mlm(batch, images, image_tokens, image_tokens_m, alpha)
         else:
             parts["mlm"], parts["mlm_acc"] = zero, zero.detach()
         if weights.mim != 0:
@@ -478,14 +509,15 @@ class Simla(PretrainMethod):
         else:
             parts["psl"], parts["psl_keywords"] = zero, zero.detach()
 
-        loss = sum(getattr(weights, k) * parts[k] for k in ("itc", "itm", "mlm", "mim", "psl"))
+        loss = sum(weight * parts[k] for k, weight in self.current_weights().items())
         out = {"loss": loss}
         out.update({k: v.detach() for k, v in parts.items()})
         return out
 
     def _itm(self, batch: Batch, image_tokens: Tensor, embeddings: Tensor, image_emb: Tensor, text_emb: Tensor,
-             temp: Tensor, image_ids: Tensor, ids_global: Tensor) -> tuple[Tensor, Tensor]:
-        """ITM over B positives + 2B hard negatives from the global batch (§1.2 (b)); (loss, accuracy)."""
+             temp: Tensor, image_ids: Tensor, ids_global: Tensor) -> tuple[Tensor, Tensor, ImageKV]:
+        """ITM over B positives + 2B hard negatives from the global batch (§1.2 (b)); (loss, accuracy, the
+        images' K/V projection, which MLM's pass reuses)."""
         attn = batch.attention_mask
         size = attn.shape[0]
         with torch.no_grad():
@@ -501,18 +533,17 @@ class Simla(PretrainMethod):
         if world_size() > 1:
             length = int(all_gather_no_grad(torch.tensor([length], device=attn.device)).max())
         embeddings, attn = pad_length(embeddings, length), pad_length(attn, length)
-        image_all = all_gather_with_grad(image_tokens)
         embeddings_all = all_gather_with_grad(embeddings)
         attn_all = all_gather_no_grad(attn)
+        images = self.model.itm_image_kv(image_tokens, neg_image)  # one K/V projection for the 3B rows (and MLM)
         # multimodal mode on the 3B pairs; only the [CLS] is read, so the last layer runs at position 0 alone
         cls = self.model.text.forward_from_embeddings(
             torch.cat([embeddings, embeddings, embeddings_all[neg_text]]), torch.cat([attn, attn, attn_all[neg_text]]),
-            torch.cat([image_tokens, image_all[neg_image], image_tokens]),
-            read=torch.zeros(3 * size, 1, dtype=torch.long, device=attn.device))[:, 0]
+            images, read=torch.zeros(3 * size, 1, dtype=torch.long, device=attn.device))[:, 0]
         logits = self.model.itm_logits(cls)  # (3B, 2)
         labels = torch.cat([torch.ones(size, dtype=torch.long, device=logits.device),
                             torch.zeros(2 * size, dtype=torch.long, device=logits.device)])
-        return itm_loss(logits, labels), (logits.argmax(dim=1) == labels).float().mean().detach()
+        return itm_loss(logits, labels), (logits.argmax(dim=1) == labels).float().mean().detach(), images
 
     @torch.no_grad()
     def token_counts(self, batch: Batch) -> dict[str, Tensor]:
@@ -536,8 +567,10 @@ class Simla(PretrainMethod):
         return mask_tokens(ids, batch.attention_mask, self.special_ids, self.mask_id, self.vocab_size,
                            self.cfg.mlm_prob, uniforms=uniforms)
 
-    def _mlm(self, batch: Batch, image_tokens: Tensor, image_tokens_m: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-        """MLM(text | image), §1.2 (c): the masked caption in multimodal mode attending to the unmasked image;
+    def _mlm(self, batch: Batch, images: ImageKV, image_tokens: Tensor, image_tokens_m: Tensor,
+             alpha: float) -> tuple[Tensor, Tensor]:
+        """MLM(text | image), §1.2 (c): the masked caption in multimodal mode attending to the unmasked image
+        (`images`: its K/V projection, shared with ITM; `image_tokens` (B,1+P,Dv) for the faithful full pass);
         (1 - alpha) CE + alpha soft CE against the momentum model's predictions; (loss, accuracy)."""
         attn = batch.attention_mask
         masked_ids, labels = self.mask(batch)
@@ -557,7 +590,7 @@ class Simla(PretrainMethod):
             logits = logits_full[selected]
         else:  # the last layer at the masked positions only (the states nothing reads are not computed)
             read, valid = read_positions(selected)
-            hidden = self.model.text.forward_from_embeddings(self.model.text.embed(masked_ids), attn, image_tokens,
+            hidden = self.model.text.forward_from_embeddings(self.model.text.embed(masked_ids), attn, images,
                                                              read=read)
             logits = self.model.mlm_logits(hidden[valid])  # (M, V), as hidden[selected] of the full states
             soft = None

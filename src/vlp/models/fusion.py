@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from vlp.config import FusionConfig
-from vlp.models.layers import BERT_LN_EPS, Block
+from vlp.models.layers import BERT_LN_EPS, Block, ImageKV
 
 
 @dataclass
@@ -30,32 +30,6 @@ class FusionOutput:
     text: Tensor
     image: Optional[Tensor]
     cls: Tensor
-
-
-@dataclass
-class ImageKV:
-    """Image tokens projected to every cross-attention layer's keys and values once, for several fusion passes.
-
-    An ALBEF step fuses the same images 4 times (ITM positives, ITM text negatives, the ITM image negatives
-    drawn from the same batch, MLM), and every pass projected its image tokens to each layer's K/V again
-    (~9 % of the tiny step). `FusionEncoder.image_kv` projects U distinct images once; each pass row then reads
-    the projection of image `rows[b]` (an index, whose backward sums the rows' gradients: the same gradients
-    as projecting each row, to float rounding).
-
-    kv: one (U, N, 2D) tensor per fusion layer (keys then values, `Attention.project_kv`);
-    mask: (U, N) image-token mask or None (all valid); rows: (B,) long, the image of each pass row.
-    """
-
-    kv: list[Tensor]
-    mask: Optional[Tensor]
-    rows: Tensor
-
-    def take(self, rows: Tensor) -> "ImageKV":
-        """The pass rows `rows` (b,) of this one: ImageKV(kv, mask, self.rows[rows]) (no copy of the K/V)."""
-        return ImageKV(self.kv, self.mask, self.rows[rows])
-
-    def __len__(self) -> int:
-        return int(self.rows.shape[0])
 
 
 class FusionEncoder(nn.Module):

@@ -22,6 +22,7 @@ from vlp.config import MODEL_SIZE_DIR, ModelConfig, model_size
 from vlp.models.buckets import run_in_length_buckets
 from vlp.models.fusion import FusionEncoder, FusionOutput, ImageKV
 from vlp.models.heads import ITCProjection, ITMHead, MLMHead
+from vlp.models.losses import all_gather_with_grad, world_size
 from vlp.models.minilm import load_minilm_into
 from vlp.models.text import TextEncoder
 from vlp.models.vit import ImageOutput, VisionTransformer
@@ -151,9 +152,27 @@ class VLModel(nn.Module):
 
     def image_kv(self, image_tokens: Tensor, image_mask: Optional[Tensor] = None,
                  rows: Optional[Tensor] = None) -> ImageKV:
-        """image_tokens (U,N,Dv) projected to the fusion layers' keys/values once, for `fuse` passes whose row b
-        cross-attends to image `rows[b]` (default: each image once). Cross-attention fusion only."""
+        """image_tokens (U,N,Dv) projected to the cross-attention layers' keys/values once (the fusion
+        encoder's, or the shared text encoder's: SIMLA), for passes whose row b cross-attends to image `rows[b]`
+        (default: each image once): `fuse`, or the shared encoder's `forward_from_embeddings(context=...)`."""
+        if self.shared_encoder:
+            return self.text.image_kv(image_tokens, image_mask, rows)
         return self.fusion.image_kv(image_tokens, image_mask, rows)
+
+    def itm_image_kv(self, image_tokens: Tensor, neg_image: Tensor) -> ImageKV:
+        """The images of ITM's 3B pass rows [positives; their drawn negative images; the text negatives' own
+        images] over one K/V projection. image_tokens (B,N,Dv) this rank's images, neg_image (B,) indices
+        into the global batch's images. On one process the negatives are this batch's images (B projections);
+        with DDP the drawn negatives are gathered with gradient and projected after this rank's images (2B).
+        `take(arange(B))` of the result are this rank's images (MLM's pass)."""
+        size = image_tokens.shape[0]
+        local = torch.arange(size, device=image_tokens.device)
+        if world_size() > 1:
+            images = self.image_kv(torch.cat([image_tokens, all_gather_with_grad(image_tokens)[neg_image]]))
+            neg_rows = local + size
+        else:
+            images, neg_rows = self.image_kv(image_tokens), neg_image
+        return images.take(torch.cat([local, neg_rows, local]))
 
     def _fuse_rows(self, attention_mask: Tensor, text_hidden: Tensor, image_tokens: Tensor,
                    image_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:

@@ -18,12 +18,16 @@ With `length_buckets` k > 1 the Transformer stack runs on k sub-batches of simil
 to its longest caption (`vlp.models.buckets`; config `model.length_buckets`): same states at real positions
 to float rounding, zeros past a row's bucket length.
 
+The multimodal passes of one step (SIMLA's ITM and MLM) can share one projection of the images to every layer's
+cross-attention keys and values (`image_kv` -> `ImageKV`, passed as the `context`).
+
 A pass whose output is read at a few positions (`forward_from_embeddings(read=...)`: SIMLA's ITM reads the [CLS],
 MLM / MIM the masked tokens / patches) runs its last layer at those positions only (`block_at`).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
@@ -31,7 +35,7 @@ from torch import Tensor, nn
 
 from vlp.config import TextConfig
 from vlp.models.buckets import run_in_length_buckets
-from vlp.models.layers import BERT_LN_EPS, VIT_LN_EPS, Block
+from vlp.models.layers import BERT_LN_EPS, VIT_LN_EPS, Block, ImageKV
 
 
 class TextEncoder(nn.Module):
@@ -103,12 +107,26 @@ class TextEncoder(nn.Module):
             raise ValueError("this text encoder has no cross-attention (model.text.cross_attention: false): "
                              "fuse with the fusion encoder instead")
 
+    def image_kv(self, image_tokens: Tensor, image_mask: Optional[Tensor] = None,
+                 rows: Optional[Tensor] = None) -> ImageKV:
+        """image_tokens (U,N,cross_dim) projected to every layer's cross-attention keys/values once -> an
+        `ImageKV` whose pass rows are `rows` (B,) indices into the U images (default: each image once), for
+        `forward_from_embeddings(context=...)` passes that attend to the same images."""
+        self._check_context(image_tokens)
+        if image_tokens.shape[-1] != self.cross_dim:
+            raise ValueError(f"image tokens have width {image_tokens.shape[-1]}, cross-attention expects "
+                             f"{self.cross_dim}")
+        if rows is None:
+            rows = torch.arange(image_tokens.shape[0], device=image_tokens.device)
+        return ImageKV([block.cross.project_kv(image_tokens) for block in self.blocks], image_mask, rows)
+
     def forward_from_embeddings(
-        self, x: Tensor, attention_mask: Optional[Tensor] = None, context: Optional[Tensor] = None,
+        self, x: Tensor, attention_mask: Optional[Tensor] = None, context: Optional[Tensor | ImageKV] = None,
         context_mask: Optional[Tensor] = None, read: Optional[Tensor] = None,
     ) -> Tensor:
         """x (B,T,D) embeddings, attention_mask (B,T) 1 = real token -> hidden states (B,T,D); with
-        `context` (B,S,cross_dim) and `context_mask` (B,S) every layer cross-attends to it.
+        `context` (B,S,cross_dim) and `context_mask` (B,S) every layer cross-attends to it. `context` may be an
+        `ImageKV` of B pass rows (`image_kv`; it carries its own mask, `context_mask` must be None).
 
         `read` (B,K) long: only the states at these positions are wanted -> (B,K,D), row b's states at
         positions read[b] (the [CLS] for ITM, the masked tokens / patches for MLM / MIM). The last layer then
@@ -117,22 +135,37 @@ class TextEncoder(nn.Module):
 
         With `length_buckets` > 1 and a mask, the stack runs per length bucket: positions past a row's
         bucket length come back as 0 (every reader masks them); `read` positions must be real tokens."""
-        self._check_context(context)
-        out = run_in_length_buckets(self._stack, attention_mask, self.length_buckets, text=(x,),
-                                    rows=(context, context_mask, read))
+        if isinstance(context, ImageKV):  # bucket the pass rows' image indices, not projected tokens
+            if context_mask is not None:
+                raise ValueError("an ImageKV carries its own image mask: pass context_mask=None")
+            out = run_in_length_buckets(partial(self._stack_kv, context), attention_mask, self.length_buckets,
+                                        text=(x,), rows=(context.rows, read))
+        else:
+            self._check_context(context)
+            out = run_in_length_buckets(self._stack, attention_mask, self.length_buckets, text=(x,),
+                                        rows=(context, context_mask, read))
         # per bucket the (b,K,D) read states come back as the text-shaped output (K <= T), padded to T: cut back
         return out if read is None else out[:, : read.shape[1]]
 
     def _stack(self, attention_mask: Optional[Tensor], x: Tensor, context: Optional[Tensor],
-               context_mask: Optional[Tensor], read: Optional[Tensor] = None) -> Tensor:
-        """The blocks and the final norm over x (b,L,D) with mask (b,L) [and context (b,S,·), mask (b,S)];
-        with `read` (b,K) the last block at those positions only -> (b,K,D)."""
-        blocks = self.blocks if read is None else self.blocks[:-1]
-        for block in blocks:
-            x = block(x, mask=attention_mask, context=context, context_mask=context_mask)
+               context_mask: Optional[Tensor], read: Optional[Tensor] = None,
+               context_kvs: Optional[list[Tensor]] = None) -> Tensor:
+        """The blocks and the final norm over x (b,L,D) with mask (b,L) [and context (b,S,·), mask (b,S), or
+        per layer its projected keys/values `context_kvs` (b,S,2D)]; with `read` (b,K) the last block at those
+        positions only -> (b,K,D)."""
+        kvs: list[Optional[Tensor]] = list(context_kvs) if context_kvs is not None else [None] * len(self.blocks)
+        full = len(self.blocks) if read is None else len(self.blocks) - 1
+        for block, kv in zip(self.blocks[:full], kvs):
+            x = block(x, mask=attention_mask, context=context, context_mask=context_mask, context_kv=kv)
         if read is not None:
-            x = block_at(self.blocks[-1], x, read, attention_mask, context, context_mask)
+            x = block_at(self.blocks[-1], x, read, attention_mask, context, context_mask, kvs[-1])
         return self.final_norm(x)
+
+    def _stack_kv(self, image_kv: ImageKV, attention_mask: Optional[Tensor], x: Tensor, rows: Tensor,
+                  read: Optional[Tensor] = None) -> Tensor:
+        """`_stack` of one bucket whose pass rows attend to images `rows` (b,) of `image_kv`."""
+        context_mask = None if image_kv.mask is None else image_kv.mask[rows]
+        return self._stack(attention_mask, x, None, context_mask, read, [kv[rows] for kv in image_kv.kv])
 
     def cls_attention(
         self, x: Tensor, attention_mask: Optional[Tensor] = None, context: Optional[Tensor] = None,
@@ -170,22 +203,24 @@ class TextEncoder(nn.Module):
 
 
 def block_at(block: Block, x: Tensor, read: Tensor, mask: Optional[Tensor] = None, context: Optional[Tensor] = None,
-             context_mask: Optional[Tensor] = None) -> Tensor:
+             context_mask: Optional[Tensor] = None, context_kv: Optional[Tensor] = None) -> Tensor:
     """`block(x, mask, context, context_mask)` at the positions `read` only: x (B,T,D), read (B,K) long -> (B,K,D).
 
     The queries are the rows' states at `read`; self-attention keys and values still come from every position
     of x (under `mask`), then the block's cross-attention and MLP run on the K positions: `Block.forward`'s
     sub-layers in its order, each of them per position, so the result equals the full block's at those
     positions up to float rounding. For a last layer whose output is read at a few positions (SIMLA reads the
-    [CLS] for ITM, the masked tokens / patches for MLM / MIM)."""
+    [CLS] for ITM, the masked tokens / patches for MLM / MIM). `context_kv` (B,S,2D): the context's projected keys
+    and values (`ImageKV`), instead of `context`."""
     q = x.gather(1, read.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B,K,D)
-    cross = block.cross is not None and block.norm_cross is not None and context is not None
+    cross = block.cross is not None and block.norm_cross is not None and (context is not None or
+                                                                           context_kv is not None)
     if block.norm_type == "pre":
         q = q + block.attn(block.norm1(q), block.norm1(x), mask)
         if cross:
-            q = q + block.cross(block.norm_cross(q), context, context_mask)
+            q = q + block.cross(block.norm_cross(q), context, context_mask, context_kv)
         return q + block.mlp(block.norm2(q))
     q = block.norm1(q + block.attn(q, x, mask))
     if cross:
-        q = block.norm_cross(q + block.cross(q, context, context_mask))
+        q = block.norm_cross(q + block.cross(q, context, context_mask, context_kv))
     return block.norm2(q + block.mlp(q))
