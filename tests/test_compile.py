@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from test_method_contract import build
 from vlp.config import ConfigError, build_config
