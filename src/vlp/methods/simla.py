@@ -121,8 +121,9 @@ class SimlaLossWeights(Section):
 
 class SimlaLossRamps(Section):
     """Optimizer steps over which each objective's weight ramps linearly from 0 to its `loss_weights` value
-    (0 = full weight from step 0, as the reference). Not in the paper: for training from scratch, where ITM
-    and MIM at full weight collapse the shared encoder's text [CLS] before ITC separates the captions."""
+    (0 = full weight from step 0, as the reference). Not in the paper; tried against the from-scratch plateau
+    (ITM and MIM at full weight hold the text [CLS] near constant for ~400 steps): ramping ITM and MIM over 150
+    steps did not shorten it (README "SIMLA in the demo"), so every shipped config leaves it off."""
 
     itc: int = Field(0, ge=0)
     itm: int = Field(0, ge=0)

@@ -59,11 +59,7 @@ class FusionEncoder(nn.Module):
         if self.cfg.type != "cross":
             raise ValueError("image_kv is for cross-attention fusion (model.fusion.type: cross); a single-stream "
                              "fusion updates the image tokens in every layer, so there is no fixed K/V to share")
-        if image_tokens.shape[-1] != self.vision_width:
-            raise ValueError(f"image tokens have width {image_tokens.shape[-1]}, fusion expects {self.vision_width}")
-        if rows is None:
-            rows = torch.arange(image_tokens.shape[0], device=image_tokens.device)
-        return ImageKV([block.cross.project_kv(image_tokens) for block in self.blocks], image_mask, rows)
+        return ImageKV.project(self.blocks, image_tokens, image_mask, rows)
 
     def encode_joint(self, joint: Tensor, joint_mask: Optional[Tensor] = None) -> Tensor:
         """'single' only: the self-attention stack over an already assembled sequence (B,L,D), mask (B,L)."""

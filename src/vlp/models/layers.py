@@ -11,6 +11,7 @@ Masks are key-padding masks, (B, S) with True / 1 = a real token that may be att
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -43,6 +44,20 @@ class ImageKV:
     kv: list[Tensor]
     mask: Optional[Tensor]
     rows: Tensor
+
+    @classmethod
+    def project(cls, blocks: "Iterable[Block]", image_tokens: Tensor, image_mask: Optional[Tensor] = None,
+                rows: Optional[Tensor] = None) -> "ImageKV":
+        """image_tokens (U,N,kv_dim) projected by every block's cross-attention once; pass rows `rows` (B,)
+        index the U images (default: each image once, in order). A width that is not the blocks' kv_dim is an
+        error naming both."""
+        blocks = list(blocks)
+        kv_dim = blocks[0].cross.kv_dim if blocks else image_tokens.shape[-1]
+        if image_tokens.shape[-1] != kv_dim:
+            raise ValueError(f"image tokens have width {image_tokens.shape[-1]}, cross-attention expects {kv_dim}")
+        if rows is None:
+            rows = torch.arange(image_tokens.shape[0], device=image_tokens.device)
+        return cls([block.cross.project_kv(image_tokens) for block in blocks], image_mask, rows)
 
     def take(self, rows: Tensor) -> "ImageKV":
         """The pass rows `rows` (b,) of this one: ImageKV(kv, mask, self.rows[rows]) (no copy of the K/V)."""

@@ -113,12 +113,7 @@ class TextEncoder(nn.Module):
         `ImageKV` whose pass rows are `rows` (B,) indices into the U images (default: each image once), for
         `forward_from_embeddings(context=...)` passes that attend to the same images."""
         self._check_context(image_tokens)
-        if image_tokens.shape[-1] != self.cross_dim:
-            raise ValueError(f"image tokens have width {image_tokens.shape[-1]}, cross-attention expects "
-                             f"{self.cross_dim}")
-        if rows is None:
-            rows = torch.arange(image_tokens.shape[0], device=image_tokens.device)
-        return ImageKV([block.cross.project_kv(image_tokens) for block in self.blocks], image_mask, rows)
+        return ImageKV.project(self.blocks, image_tokens, image_mask, rows)
 
     def forward_from_embeddings(
         self, x: Tensor, attention_mask: Optional[Tensor] = None, context: Optional[Tensor | ImageKV] = None,
