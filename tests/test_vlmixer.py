@@ -17,7 +17,7 @@ from vlp.build import world_class_words
 from vlp.config import build_config
 from vlp.data.datasets import PairDataset, collate
 from vlp.methods import build_method
-from vlp.methods.vlmixer import cross_modal_cutmix, grounded_concepts, view_contrastive_loss
+from vlp.methods.vlmixer import compact_patches, cross_modal_cutmix, grounded_concepts, view_contrastive_loss
 from vlp.models.anchors import build_lexicon
 from vlp.models.losses import IGNORE_INDEX, mask_tokens_at_least_one
 from vlp.models.model import VLModel
@@ -166,6 +166,63 @@ def test_image_stream_tags_are_the_concept_words_of_the_regions(world, tok):
         expected = sorted(w for w in words[label - 1] if tok.is_whole_word(w))[0]
         assert _token(tok, int(method.tag_tokens[label])) == expected
     assert int(method.tag_tokens[0]) == tok.pad_id
+
+
+def test_compact_patches_moves_replaced_slots_to_region_slots_in_order():
+    """The `regions` layout's region slots: row 0 has patches at positions 1 and 3 (in that order), row 1 none
+    (one padding slot), R = 2."""
+    replaced = torch.tensor([[False, True, False, True, False], [False] * 5])
+    patches = torch.arange(2 * 5 * 2, dtype=torch.float).reshape(2, 5, 2)
+    boxes = -torch.arange(2 * 5 * 7, dtype=torch.float).reshape(2, 5, 7)
+    vecs, bxs, mask = compact_patches(replaced, patches, boxes)
+    assert mask.tolist() == [[True, True], [False, False]]
+    assert torch.equal(vecs[0], patches[0, [1, 3]]) and torch.equal(bxs[0], boxes[0, [1, 3]])
+    assert (vecs[1] == 0).all() and (bxs[1] == 0).all()
+    _, _, mask = compact_patches(torch.zeros(3, 4, dtype=torch.bool), torch.ones(3, 4, 2), torch.ones(3, 4, 7))
+    assert mask.shape == (3, 1) and not mask.any()  # ratio 0: one empty slot, no patch
+
+
+def test_regions_layout_puts_patches_in_region_slots_and_holes_are_not_targets(world, tok, monkeypatch):
+    """`cmc_layout: regions`: the MLM pass reads [MASK] at every replaced word (label -100) and one region
+    slot per replaced word holding that word's patch vector, with the patch's box; the region projection gets
+    a gradient through CMC alone (no image-only objective)."""
+    method = _method(tok, "method.cmc_ratio=1.0", "method.mlm_prob=1.0", "method.cmc_layout=regions",
+                     "method.image_objective=none").train()
+    batch = batch_of(world, tok, rows=8)
+    calls = []
+    original = method.encode_joint_pair
+
+    def spy(word_vecs, region_vecs, boxes, attn, region_mask):
+        calls.append((word_vecs, region_vecs, boxes, region_mask))
+        return original(word_vecs, region_vecs, boxes, attn, region_mask)
+
+    monkeypatch.setattr(method, "encode_joint_pair", spy)
+    masker = mask_tokens_at_least_one
+    captured = {}
+
+    def capture(ids, eligible, *args, **kwargs):
+        out = masker(ids, eligible, *args, **kwargs)
+        captured.setdefault("labels", []).append(out[1])
+        return out
+
+    monkeypatch.setattr("vlp.methods.vlmixer.mask_tokens_at_least_one", capture)
+    out = method(batch)
+    out["loss"].backward()
+    view = method.mixed_view(batch, method.regions(batch))
+    replaced = view.replaced
+    assert replaced.any()
+    assert (captured["labels"][0][replaced] == IGNORE_INDEX).all()
+    assert len(calls) == 2  # CMCL's mixed view, then MLM's
+    word_vecs, region_vecs, boxes, region_mask = calls[-1]
+    mask_vec = method.word_vectors(torch.full_like(batch.input_ids, tok.mask_id), batch.attention_mask)
+    assert torch.allclose(word_vecs[replaced], mask_vec[replaced])
+    assert torch.equal(region_mask.sum(1), replaced.sum(1))
+    row = int(replaced.sum(1).argmax())
+    n = int(replaced[row].sum())
+    assert torch.allclose(region_vecs[row, :n], view.patches[row][replaced[row]])
+    assert torch.equal(boxes[row, :n], view.patch_boxes[row][replaced[row]])
+    grad = method.region_embed.feat_proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
 
 
 @pytest.mark.slow

@@ -24,6 +24,12 @@ Reconstructed [INFERRED], each a `method:` option:
     one visual token, at the word's position (type embedding 1 = visual, like UNITER's region slots);
   * a visual token's vector is the region's projected feature `LN_v(W_v v)` (the region embedding's
     first half, as CMAL's swap feature filling puts region vectors into text slots);
+  * where the patch goes (`cmc_layout`): `inline` (default, the paper's Figure 1: the patch takes the word's
+    text slot and position) or `regions` (ours, an option: the word's slot becomes [MASK], never a target,
+    and the patch joins the sequence as a region slot with its box in its source image, the layout every
+    downstream task reads: [text ; regions]). Why the option: inline CMC trains text -> patch reading only
+    at text positions, while fine-tuning puts the image in region slots (the report's retrieval fine-tune
+    from inline VLMixer barely beats scratch);
   * MLM masks 15 % of the REMAINING text tokens of the mixed view (80/10/10); replaced slots are never
     targets (their word is what the patch shows, the spec's "not targets" choice) and never masked;
   * the contrast: q = g(H(T)[CLS]), k = g(H(T~)[CLS]) with g the ITC text projection (L2-normalised),
@@ -90,6 +96,7 @@ class VLMixerConfig(RegionStreamConfig):
     region_mask_prob: float = Field(0.15, ge=0.0, le=1.0)  # MRC on the image stream
     tag_mask_prob: float = Field(0.15, ge=0.0, le=1.0)  # masked tag prediction on the image stream
     image_objective: Literal["tags_mrc", "mrc", "none"] = "tags_mrc"
+    cmc_layout: Literal["inline", "regions"] = "inline"  # where a patch goes: the word's slot, or a region slot
     loss_weights: VLMixerWeights = Field(default_factory=VLMixerWeights)
 
 
@@ -137,14 +144,33 @@ def view_contrastive_loss(text_view: Tensor, mixed_view: Tensor, temperature: Te
 
 
 class MixedView(NamedTuple):
-    """A batch's sentences after CMC: slots (B, T, d) the mixed view's slot vectors, words (B, T, d) the plain
-    word vectors, replaced (B, T) bool the slots holding a patch, grounded (B, T) bool the tokens naming a
-    concept."""
+    """A batch's sentences after CMC: slots (B, T, d) the mixed view's slot vectors (inline layout: the patch
+    in a replaced slot), words (B, T, d) the plain word vectors, replaced (B, T) bool the slots holding a patch,
+    grounded (B, T) bool the tokens naming a concept, patches (B, T, d) and patch_boxes (B, T, 7) each slot's
+    patch vector and its box in its source image (meaningful where replaced)."""
 
     slots: Tensor
     words: Tensor
     replaced: Tensor
     grounded: Tensor
+    patches: Tensor
+    patch_boxes: Tensor
+
+
+def compact_patches(replaced: Tensor, patches: Tensor, patch_boxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The replaced slots' patches as region slots (the `regions` CMC layout), in sentence order.
+
+    Args: replaced (B, T) bool; patches (B, T, d); patch_boxes (B, T, k).
+    Returns: region vectors (B, R, d), boxes (B, R, k), mask (B, R) bool, R = max(1, most patches in a row);
+    row b's first replaced.sum() slots are its patches, left to right, the rest padding.
+    """
+    counts = replaced.sum(dim=1)  # (B,)
+    R = max(1, int(counts.max()))
+    order = torch.argsort((~replaced).to(torch.int8), dim=1, stable=True)[:, :R]  # replaced positions first
+    mask = torch.arange(R, device=replaced.device)[None, :] < counts[:, None]
+    vecs = patches.gather(1, order[..., None].expand(-1, -1, patches.shape[-1]))
+    boxes = patch_boxes.gather(1, order[..., None].expand(-1, -1, patch_boxes.shape[-1]))
+    return vecs.masked_fill(~mask[..., None], 0.0), boxes.masked_fill(~mask[..., None], 0.0), mask
 
 
 class VLMixer(RegionSingleStream, PretrainMethod):
@@ -257,13 +283,25 @@ class VLMixer(RegionSingleStream, PretrainMethod):
         gallery = all_gather_with_grad(region_vecs).flatten(0, 1)  # (G*N, d)
         labels = all_gather_no_grad(regions.labels).flatten()
         real = all_gather_no_grad(regions.mask).flatten().bool()
+        boxes = all_gather_no_grad(regions.boxes).flatten(0, 1)  # (G*N, 7)
         concepts = grounded_concepts(ids, attn, self.concept_table)
         replaced, patch = cross_modal_cutmix(concepts, labels, real, self._uniforms(batch, (ids.shape[1], 2), SALT_CMC),
                                              self.cfg.cmc_ratio)
         words = self.word_vectors(ids, attn)
-        patches = gallery[patch.clamp(min=0)]  # (B, T, d)
-        mixed = torch.where(replaced[..., None], patches.to(words.dtype), words)
-        return MixedView(mixed, words, replaced, concepts >= 0)
+        patches = gallery[patch.clamp(min=0)].to(words.dtype)  # (B, T, d)
+        mixed = torch.where(replaced[..., None], patches, words)
+        return MixedView(mixed, words, replaced, concepts >= 0, patches, boxes[patch.clamp(min=0)])
+
+    def encode_mixed(self, view: MixedView, ids: Tensor, attn: Tensor) -> Tensor:
+        """The mixed view (`ids` (B, T): the sentence, possibly MLM-masked) through the encoder -> text states
+        (B, T, d). `inline`: the patches sit in their words' slots (type 1 there); `regions`: those slots read
+        [MASK] and the patches follow the text as region slots with their boxes (`compact_patches`)."""
+        if self.cfg.cmc_layout == "inline":
+            slots = torch.where(view.replaced[..., None], view.slots, self.word_vectors(ids, attn))
+            return self.encode_text_slots(slots, attn, view.replaced)
+        holes = ids.masked_fill(view.replaced, self.mask_id)
+        vecs, boxes, mask = compact_patches(view.replaced, view.patches, view.patch_boxes)
+        return self.encode_joint_pair(self.word_vectors(holes, attn), vecs, boxes, attn, mask)[0]
 
     def image_only(self, batch: Batch, regions: RegionInputs) -> dict[str, Tensor]:
         """The image stream alone as [CLS] tags [SEP] ; regions: masked tag prediction and masked region
@@ -318,23 +356,27 @@ class VLMixer(RegionSingleStream, PretrainMethod):
         zero = regions.feats.sum() * 0.0
         parts: dict[str, Tensor] = {}
         if w.mlm != 0 or w.cmcl != 0:
-            mixed, words, replaced, grounded = self.mixed_view(batch, regions)
+            view = self.mixed_view(batch, regions)
+            replaced, grounded = view.replaced, view.grounded
             parts["cmc_rate"] = (replaced.sum() / grounded.sum().clamp_min(1)).float().detach()
             parts["grounded"] = grounded.sum(dim=1).float().mean().detach()
             parts["cmc_tokens"] = replaced.sum(dim=1).float().mean().detach()
             if w.cmcl != 0:
-                both = self.encode_text_slots(torch.cat([words, mixed]), torch.cat([attn, attn]),
-                                              torch.cat([torch.zeros_like(replaced), replaced]))
-                views = self.model.text_embed(both)  # (2B, E): g(H[CLS])
-                parts["cmcl"] = view_contrastive_loss(views[: len(batch)], views[len(batch):],
-                                                      self.model.temperature())
+                if self.cfg.cmc_layout == "inline":  # both views in one pass
+                    both = self.encode_text_slots(torch.cat([view.words, view.slots]), torch.cat([attn, attn]),
+                                                  torch.cat([torch.zeros_like(replaced), replaced]))
+                    views = self.model.text_embed(both)  # (2B, E): g(H[CLS])
+                    text_view, mixed_view = views[: len(batch)], views[len(batch):]
+                else:
+                    text_view = self.model.text_embed(self.encode_text_slots(view.words, attn))
+                    mixed_view = self.model.text_embed(self.encode_mixed(view, ids, attn))
+                parts["cmcl"] = view_contrastive_loss(text_view, mixed_view, self.model.temperature())
             if w.mlm != 0:
                 eligible = attn.bool() & ~replaced & ~torch.isin(ids, self.special_ids)
                 masked_ids, labels = mask_tokens_at_least_one(
                     ids, eligible, self.special_ids, self.mask_id, self.vocab_size, self.cfg.mlm_prob,
                     self._uniforms(batch, (ids.shape[1], 3), SALT_MLM))
-                slots = torch.where(replaced[..., None], mixed, self.word_vectors(masked_ids, attn))
-                hidden = self.encode_text_slots(slots, attn, replaced)
+                hidden = self.encode_mixed(view, masked_ids, attn)
                 selected = labels != IGNORE_INDEX
                 logits = self.model.mlm_logits(hidden[selected])
                 targets = labels[selected]
@@ -355,5 +397,5 @@ class VLMixer(RegionSingleStream, PretrainMethod):
         return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 
 
-__all__ = ["MixedView", "VLMixer", "VLMixerConfig", "VLMixerWeights", "cross_modal_cutmix", "grounded_concepts",
-           "view_contrastive_loss"]
+__all__ = ["MixedView", "VLMixer", "VLMixerConfig", "VLMixerWeights", "compact_patches", "cross_modal_cutmix",
+           "grounded_concepts", "view_contrastive_loss"]
