@@ -191,6 +191,7 @@ class VLMixer(RegionSingleStream, PretrainMethod):
                                     "method.loss_weights.cmcl=0", "method.loss_weights.tag=0",
                                     "method.loss_weights.mrc=0")
     demo_config = "demo_vlmixer"
+    figure = "vlp.figures.vlmixer_cutmix"
     # CMC draws from the gathered global gallery with keyed uniforms and CMCL spans the global batch
     rank_independent_parts = ("cmcl", "cmc_tokens", "grounded")  # per-row means; cmc_rate is a per-rank ratio
     OWNER = "VLMixer"
