@@ -225,6 +225,27 @@ def test_regions_layout_puts_patches_in_region_slots_and_holes_are_not_targets(w
     assert grad is not None and grad.abs().sum() > 0
 
 
+def test_hole_targets_make_replaced_words_mlm_targets_in_the_regions_layout(world, tok, monkeypatch):
+    """`cmc_hole_targets`: the MLM labels at replaced slots are the replaced words (elsewhere as without it);
+    the option is refused with the inline layout."""
+    with pytest.raises(ValueError, match="cmc_layout=regions"):
+        _method(tok, "method.cmc_hole_targets=true")
+    batch = batch_of(world, tok, rows=8)
+    seen = {}
+    for holes in (False, True):
+        method = _method(tok, "method.cmc_ratio=1.0", "method.cmc_layout=regions",
+                         f"method.cmc_hole_targets={str(holes).lower()}").train()
+        calls = []
+        original = method.model.mlm_logits
+        monkeypatch.setattr(method.model, "mlm_logits", lambda h, calls=calls, original=original:
+                            calls.append(h.shape[0]) or original(h))
+        method(batch)
+        seen[holes] = (calls[0], method.mixed_view(batch, method.regions(batch)).replaced)
+    (plain, replaced), (with_holes, _) = seen[False], seen[True]
+    assert replaced.any()
+    assert with_holes == plain + int(replaced.sum())  # the same remaining-text targets plus every hole
+
+
 @pytest.mark.slow
 def test_losses_go_down_on_unpaired_batches(world, tok, tmp_path):
     """40 steps on the contract-size model: MLM on the mixed view, the view contrast and the image-only

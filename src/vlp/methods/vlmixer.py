@@ -29,7 +29,10 @@ Reconstructed [INFERRED], each a `method:` option:
     and the patch joins the sequence as a region slot with its box in its source image, the layout every
     downstream task reads: [text ; regions]). Why the option: inline CMC trains text -> patch reading only
     at text positions, while fine-tuning puts the image in region slots (the report's retrieval fine-tune
-    from inline VLMixer barely beats scratch);
+    from inline VLMixer barely beats scratch); with `cmc_hole_targets` (regions layout only, off by default)
+    the replaced word becomes an MLM target, to be read off the region slots (masked word prediction from
+    the image, U-VisualBERT's grounding signal; a departure from "replaced slots are not targets", which
+    concerns the inline layout, where the target would sit under its own patch);
   * MLM masks 15 % of the REMAINING text tokens of the mixed view (80/10/10); replaced slots are never
     targets (their word is what the patch shows, the spec's "not targets" choice) and never masked;
   * the contrast: q = g(H(T)[CLS]), k = g(H(T~)[CLS]) with g the ITC text projection (L2-normalised),
@@ -97,6 +100,7 @@ class VLMixerConfig(RegionStreamConfig):
     tag_mask_prob: float = Field(0.15, ge=0.0, le=1.0)  # masked tag prediction on the image stream
     image_objective: Literal["tags_mrc", "mrc", "none"] = "tags_mrc"
     cmc_layout: Literal["inline", "regions"] = "inline"  # where a patch goes: the word's slot, or a region slot
+    cmc_hole_targets: bool = False  # regions layout: the replaced word (its slot reads [MASK]) is an MLM target
     loss_weights: VLMixerWeights = Field(default_factory=VLMixerWeights)
 
 
@@ -213,6 +217,9 @@ class VLMixer(RegionSingleStream, PretrainMethod):
         self.register_buffer("concept_table", table.class_token.clone(), persistent=False)
         self.register_buffer("tag_tokens", tag_tokens.long(), persistent=False)
         self.register_buffer("task_step", torch.zeros((), dtype=torch.long))
+        if cfg.cmc_hole_targets and cfg.cmc_layout != "regions":
+            raise ValueError("method.cmc_hole_targets needs method.cmc_layout=regions: in the inline layout the "
+                             "replaced word's slot holds its own patch, so its word is not a target (spec §2.3)")
         if cfg.first_stage and cfg.loss_weights.itm == 0:
             raise ValueError("method.first_stage: VLMixer pre-trains on unpaired data, which has no (image, text) "
                              "pairs to train a first retrieval stage on; add it in paired retrieval fine-tuning "
@@ -377,6 +384,8 @@ class VLMixer(RegionSingleStream, PretrainMethod):
                 masked_ids, labels = mask_tokens_at_least_one(
                     ids, eligible, self.special_ids, self.mask_id, self.vocab_size, self.cfg.mlm_prob,
                     self._uniforms(batch, (ids.shape[1], 3), SALT_MLM))
+                if self.cfg.cmc_hole_targets:  # the holes' words, predicted from the region slots
+                    labels = torch.where(replaced, ids, labels)
                 hidden = self.encode_mixed(view, masked_ids, attn)
                 selected = labels != IGNORE_INDEX
                 logits = self.model.mlm_logits(hidden[selected])
