@@ -17,7 +17,8 @@ from vlp.build import world_class_words
 from vlp.config import build_config
 from vlp.data.datasets import PairDataset, collate
 from vlp.methods import build_method
-from vlp.methods.vlmixer import compact_patches, cross_modal_cutmix, grounded_concepts, view_contrastive_loss
+from vlp.methods.vlmixer import (compact_patches, cross_modal_cutmix, grounded_concepts, hard_view_loss,
+                                 view_contrastive_loss, wrong_concept_patches)
 from vlp.models.anchors import build_lexicon
 from vlp.models.losses import IGNORE_INDEX, mask_tokens_at_least_one
 from vlp.models.model import VLModel
@@ -244,6 +245,60 @@ def test_hole_targets_make_replaced_words_mlm_targets_in_the_regions_layout(worl
     (plain, replaced), (with_holes, _) = seen[False], seen[True]
     assert replaced.any()
     assert with_holes == plain + int(replaced.sum())  # the same remaining-text targets plus every hole
+
+
+def test_wrong_concept_patches_never_draw_the_words_concept():
+    """Each replaced slot gets a real, labelled patch of another concept; unreplaced slots and a gallery with
+    only the word's concept give -1."""
+    concepts = torch.tensor([[-1, 2, 0, 2]])
+    replaced = torch.tensor([[False, True, True, False]])
+    labels, real = _gallery([3, 1, 0, 3, 5])  # concepts 2, 0, background, 2, 4
+    draws = torch.rand(500, 1, 4, generator=torch.Generator().manual_seed(3))
+    for u in draws:
+        wrong = wrong_concept_patches(concepts, replaced, labels, real, u)
+        assert wrong[0, 0] == -1 and wrong[0, 3] == -1
+        assert int(wrong[0, 1]) in (1, 4) and int(wrong[0, 2]) in (0, 3, 4)  # never its own label, never label 0
+    only_own = wrong_concept_patches(torch.tensor([[2]]), torch.tensor([[True]]), *_gallery([3, 3]), torch.zeros(1, 1))
+    assert only_own.item() == -1
+
+
+def test_hard_view_loss_values():
+    """-log(e^{q.k/t} / (e^{q.k/t} + e^{q.k~/t})) averaged over usable rows, by hand; accuracy counts q.k > q.k~."""
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    k = torch.tensor([[0.6, 0.8], [0.0, 1.0], [1.0, 0.0]])
+    hard = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    usable = torch.tensor([True, True, False])
+    loss, acc = hard_view_loss(q, k, hard, usable, 0.5)
+    row0 = -math.log(math.exp(0.6 / 0.5) / (math.exp(0.6 / 0.5) + math.exp(1.0 / 0.5)))
+    row1 = -math.log(math.exp(1.0 / 0.5) / (math.exp(1.0 / 0.5) + math.exp(0.0)))
+    assert float(loss) == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    assert float(acc) == pytest.approx(0.5)
+    none_usable = hard_view_loss(q, k, hard, torch.zeros(3, dtype=torch.bool), 0.5)[0]
+    assert float(none_usable) == 0.0
+
+
+@pytest.mark.parametrize("layout", ["inline", "regions"])
+def test_hard_negative_view_swaps_only_the_patches_for_other_concepts(world, tok, layout):
+    """The hard view keeps every word and every replaced slot, and each of its patches is the region vector of
+    a gallery region of another concept; the term trains (a gradient reaches the region projection)."""
+    method = _method(tok, "method.cmc_ratio=1.0", f"method.cmc_layout={layout}", "method.loss_weights.cmcl_hard=1",
+                     "method.image_objective=none", "method.loss_weights.mlm=0", "method.loss_weights.cmcl=0").train()
+    batch = batch_of(world, tok, rows=8)
+    regions = method.regions(batch)
+    view = method.mixed_view(batch, regions)
+    hard, usable = method.hard_negative_view(batch, regions, view)
+    assert usable.any() and torch.equal(hard.replaced, view.replaced & usable[:, None])
+    assert torch.equal(hard.words, view.words)
+    gallery = method.region_vectors(regions).flatten(0, 1)
+    labels = regions.labels.flatten()
+    for b, t in hard.replaced.nonzero().tolist():
+        match = (gallery - hard.patches[b, t]).abs().amax(-1) < 1e-6
+        assert match.any() and (labels[match] != view.concepts[b, t] + 1).all()
+    out = method(batch)
+    assert "cmcl_hard" in out and "cmcl" not in out and 0.0 <= float(out["cmcl_hard_acc"]) <= 1.0
+    out["loss"].backward()
+    grad = method.region_embed.feat_proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
 
 
 @pytest.mark.slow

@@ -41,7 +41,12 @@ Reconstructed [INFERRED], each a `method:` option:
     stream as [CLS] tags [SEP] ; regions, where tag i is the concept word of region i; masked tag prediction
     (15 % of the tags, at least one) and masked region classification (15 % of the regions, at least one),
     in one pass;
-  * loss = mlm + cmcl + tag + mrc, weights 1 (`loss_weights`).
+  * loss = mlm + cmcl + tag + mrc, weights 1 (`loss_weights`);
+  * ours, off by default (`loss_weights.cmcl_hard`): a hard negative for the contrast. Measured on the world,
+    CMCL falls to ~0.005 within 175 steps: a sentence keeps all but ~1 of its ~13 words in its mixed view,
+    so the rest of the sentence matches the views and the patch is never read. The term contrasts each
+    sentence's mixed view with the SAME view whose patches are of another concept (`hard_negative_view`):
+    -log(e^{q.k/tau} / (e^{q.k/tau} + e^{q.k~/tau})) over the rows with a patch, so only the patches decide.
 Downstream: the same single-stream encoder over [text ; regions] as CMAL / UNITER (`RegionSingleStream`),
 so every task fine-tunes from a VLMixer checkpoint unchanged. Pre-training trains no ITM (there are no pairs):
 ranking by ITM before a paired fine-tune is at chance by construction; `vlp finetune retrieval` trains ITM
@@ -81,11 +86,13 @@ SALT_MLM = 0x564D4D  # "VMM": MLM draws on the mixed view
 SALT_TAG = 0x564D54  # "VMT": tag masking
 SALT_MRC = 0x564D52  # "VMR": region masking
 SALT_ITM = 0x564D49  # "VMI": ITM negatives (paired fine-tuning)
+SALT_HARD = 0x564D48  # "VMH": the wrong-concept patches of the hard-negative mixed view
 
 
 class VLMixerWeights(Section):
     mlm: float = Field(1.0, ge=0)  # MLM on the mixed view
     cmcl: float = Field(1.0, ge=0)  # sentence <-> mixed-view contrast
+    cmcl_hard: float = Field(0.0, ge=0)  # ours: own mixed view vs the same view with wrong-concept patches
     tag: float = Field(1.0, ge=0)  # image stream: masked tag prediction
     mrc: float = Field(1.0, ge=0)  # image stream: masked region classification
     itm: float = Field(0.0, ge=0)  # paired fine-tuning only (there are no pairs in pre-training)
@@ -147,6 +154,20 @@ def view_contrastive_loss(text_view: Tensor, mixed_view: Tensor, temperature: Te
     return contrastive_loss(text_view, mixed_view, temperature, gather=True)
 
 
+def hard_view_loss(text_view: Tensor, mixed_view: Tensor, hard_view: Tensor, usable: Tensor,
+                   temperature: Tensor | float) -> tuple[Tensor, Tensor]:
+    """The hard-negative term (ours, module docstring): for rows b with `usable[b]`, cross-entropy of picking
+    the own mixed view k_b over the wrong-concept view k~_b given the sentence q_b (all (B, E), L2-normalised):
+    mean of -log softmax([q.k, q.k~] / tau)[0]; and its accuracy (share of rows with q.k > q.k~). 0 (on the
+    graph) when no row is usable. A per-row term: no gather, rank-independent."""
+    pos = (text_view * mixed_view).sum(-1) / temperature
+    neg = (text_view * hard_view).sum(-1) / temperature
+    per_row = torch.nn.functional.softplus(neg - pos)  # -log(e^pos / (e^pos + e^neg))
+    weight = usable.to(per_row.dtype)
+    count = weight.sum().clamp_min(1.0)
+    return (per_row * weight).sum() / count, ((pos > neg).to(per_row.dtype) * weight).sum().detach() / count
+
+
 class MixedView(NamedTuple):
     """A batch's sentences after CMC: slots (B, T, d) the mixed view's slot vectors (inline layout: the patch
     in a replaced slot), words (B, T, d) the plain word vectors, replaced (B, T) bool the slots holding a patch,
@@ -159,6 +180,18 @@ class MixedView(NamedTuple):
     grounded: Tensor
     patches: Tensor
     patch_boxes: Tensor
+    concepts: Optional[Tensor] = None  # (B, T) each token's concept, -1 none
+
+
+def wrong_concept_patches(concepts: Tensor, replaced: Tensor, gallery_labels: Tensor, gallery_mask: Tensor,
+                          uniforms: Tensor) -> Tensor:
+    """(B, T) long: for each replaced slot, a gallery patch of ANOTHER concept (uniform among the real,
+    labelled patches whose label differs from the word's), -1 elsewhere or when the gallery has none.
+    concepts (B, T) as `grounded_concepts`; gallery_labels (K,) class id + 1; gallery_mask (K,); uniforms (B, T)."""
+    B, T = concepts.shape
+    allowed = (gallery_labels[None, :] > 0) & gallery_mask[None, :] \
+        & ((concepts.reshape(-1, 1) + 1) != gallery_labels[None, :]) & replaced.reshape(-1, 1)
+    return sample_uniform_index(allowed, uniforms.reshape(-1)).reshape(B, T)
 
 
 def compact_patches(replaced: Tensor, patches: Tensor, patch_boxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -253,7 +286,7 @@ class VLMixer(RegionSingleStream, PretrainMethod):
         and tau), plus the heads of zero-weight objectives."""
         w = self.cfg.loss_weights
         prefixes = [p for p in self.region_unused_prefixes() if p not in ("model.text_proj.", "model.temp")]
-        if w.cmcl == 0:
+        if w.cmcl == 0 and w.cmcl_hard == 0:
             prefixes += ["model.text_proj.", "model.temp"]
         if w.itm == 0:
             prefixes.append("model.itm_head.")
@@ -261,7 +294,7 @@ class VLMixer(RegionSingleStream, PretrainMethod):
             prefixes.append("model.mlm_head.")
         if w.mrc == 0 or self.cfg.image_objective == "none":
             prefixes.append("region_head.")
-        if w.mlm == 0 and w.cmcl == 0 and w.itm == 0:
+        if w.mlm == 0 and w.cmcl == 0 and w.cmcl_hard == 0 and w.itm == 0:
             prefixes.append("model.text.token_type_embeddings.")
         return {name for name, p in self.named_parameters()
                 if p.requires_grad and any(name.startswith(x) for x in prefixes)}
@@ -298,7 +331,25 @@ class VLMixer(RegionSingleStream, PretrainMethod):
         words = self.word_vectors(ids, attn)
         patches = gallery[patch.clamp(min=0)].to(words.dtype)  # (B, T, d)
         mixed = torch.where(replaced[..., None], patches, words)
-        return MixedView(mixed, words, replaced, concepts >= 0, patches, boxes[patch.clamp(min=0)])
+        return MixedView(mixed, words, replaced, concepts >= 0, patches, boxes[patch.clamp(min=0)], concepts)
+
+    def hard_negative_view(self, batch: Batch, regions: RegionInputs, view: MixedView) -> tuple[MixedView, Tensor]:
+        """The mixed view with each patch swapped for a patch of another concept (`wrong_concept_patches`, from
+        the same global gallery) -> (that view, (B,) bool rows where every replaced slot got a wrong patch
+        and there is at least one: the rows the hard term scores)."""
+        gallery = all_gather_with_grad(self.region_vectors(regions)).flatten(0, 1)
+        labels = all_gather_no_grad(regions.labels).flatten()
+        real = all_gather_no_grad(regions.mask).flatten().bool()
+        boxes = all_gather_no_grad(regions.boxes).flatten(0, 1)
+        T = view.replaced.shape[1]
+        wrong = wrong_concept_patches(view.concepts, view.replaced, labels, real,
+                                      self._uniforms(batch, (T,), SALT_HARD))
+        usable = view.replaced.any(dim=1) & ((wrong >= 0) | ~view.replaced).all(dim=1)
+        replaced = view.replaced & usable[:, None]
+        patches = gallery[wrong.clamp(min=0)].to(view.words.dtype)
+        slots = torch.where(replaced[..., None], patches, view.words)
+        return view._replace(slots=slots, replaced=replaced, patches=patches,
+                             patch_boxes=boxes[wrong.clamp(min=0)]), usable
 
     def encode_mixed(self, view: MixedView, ids: Tensor, attn: Tensor) -> Tensor:
         """The mixed view (`ids` (B, T): the sentence, possibly MLM-masked) through the encoder -> text states
@@ -355,7 +406,7 @@ class VLMixer(RegionSingleStream, PretrainMethod):
     # ------------------------------------------------------------------------------ forward
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         """One VLMixer step on an unpaired batch (B sentences, B unrelated images): `loss` and detached parts
-        `mlm`, `mlm_acc`, `cmcl`, `tag`, `tag_acc`, `mrc`, `mrc_acc`, `cmc_rate` (share of grounded tokens
+        `mlm`, `mlm_acc`, `cmcl`, (with its weight) `cmcl_hard`, `cmcl_hard_acc`, `tag`, `tag_acc`, `mrc`, `mrc_acc`, `cmc_rate` (share of grounded tokens
         replaced), `grounded` / `cmc_tokens` (grounded / replaced tokens per sentence); with an ITM weight (paired fine-tuning) `itm`,
         `itm_acc`."""
         w = self.cfg.loss_weights
@@ -363,13 +414,13 @@ class VLMixer(RegionSingleStream, PretrainMethod):
         regions = self.regions(batch)
         zero = regions.feats.sum() * 0.0
         parts: dict[str, Tensor] = {}
-        if w.mlm != 0 or w.cmcl != 0:
+        if w.mlm != 0 or w.cmcl != 0 or w.cmcl_hard != 0:
             view = self.mixed_view(batch, regions)
             replaced, grounded = view.replaced, view.grounded
             parts["cmc_rate"] = (replaced.sum() / grounded.sum().clamp_min(1)).float().detach()
             parts["grounded"] = grounded.sum(dim=1).float().mean().detach()
             parts["cmc_tokens"] = replaced.sum(dim=1).float().mean().detach()
-            if w.cmcl != 0:
+            if w.cmcl != 0 or w.cmcl_hard != 0:
                 if self.cfg.cmc_layout == "inline":  # both views in one pass
                     both = self.encode_text_slots(torch.cat([view.words, view.slots]), torch.cat([attn, attn]),
                                                   torch.cat([torch.zeros_like(replaced), replaced]))
@@ -378,7 +429,13 @@ class VLMixer(RegionSingleStream, PretrainMethod):
                 else:
                     text_view = self.model.text_embed(self.encode_text_slots(view.words, attn))
                     mixed_view = self.model.text_embed(self.encode_mixed(view, ids, attn))
-                parts["cmcl"] = view_contrastive_loss(text_view, mixed_view, self.model.temperature())
+                if w.cmcl != 0:
+                    parts["cmcl"] = view_contrastive_loss(text_view, mixed_view, self.model.temperature())
+                if w.cmcl_hard != 0:
+                    hard, usable = self.hard_negative_view(batch, regions, view)
+                    hard_view = self.model.text_embed(self.encode_mixed(hard, ids, attn))
+                    parts["cmcl_hard"], parts["cmcl_hard_acc"] = hard_view_loss(
+                        text_view, mixed_view, hard_view, usable, self.model.temperature())
             if w.mlm != 0:
                 eligible = attn.bool() & ~replaced & ~torch.isin(ids, self.special_ids)
                 masked_ids, labels = mask_tokens_at_least_one(
@@ -399,7 +456,7 @@ class VLMixer(RegionSingleStream, PretrainMethod):
             parts["itm"], parts["itm_acc"] = self.itm(batch, regions)
             parts.update(self.first_stage_terms(batch, regions))
         loss = zero
-        for key in ("mlm", "cmcl", "tag", "mrc", "itm"):
+        for key in ("mlm", "cmcl", "cmcl_hard", "tag", "mrc", "itm"):
             if key in parts:
                 loss = loss + getattr(w, key) * parts[key]
         if "first_stage" in parts:  # weight 1: its gradient stays in the head (vlp.models.first_stage)
@@ -408,4 +465,4 @@ class VLMixer(RegionSingleStream, PretrainMethod):
 
 
 __all__ = ["MixedView", "VLMixer", "VLMixerConfig", "VLMixerWeights", "compact_patches", "cross_modal_cutmix",
-           "grounded_concepts", "view_contrastive_loss"]
+           "grounded_concepts", "hard_view_loss", "view_contrastive_loss", "wrong_concept_patches"]
