@@ -6,14 +6,24 @@ from pathlib import Path
 
 import torch
 
-from vlp.build import build_world
-from vlp.config import RunConfig
+from vlp.build import build_world, checkpoint_dir
+from vlp.config import RunConfig, load_config
 from vlp.data.datasets import PairDataset, collate
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.world import World, WorldSplit
 from vlp.methods import method_class
 from vlp.train.sampler import KEY_SEED_STRIDE
 from vlp.types import Batch
+
+
+def figure_config(config: str | Path | RunConfig, checkpoint: str | Path | None,
+                  overrides: list[str] | None) -> tuple[RunConfig, Path | None]:
+    """The run config a figure draws from, and the checkpoint directory when one is given: a checkpoint's
+    own config.yaml (+ `overrides`) wins over `config` (a name, a YAML path or a built `RunConfig`)."""
+    if checkpoint is not None:
+        path = checkpoint_dir(checkpoint)
+        return load_config(path / "config.yaml", overrides), path
+    return (config if isinstance(config, RunConfig) else load_config(config, overrides)), None
 
 
 def sample_key(row: int, seed: int = 0) -> int:

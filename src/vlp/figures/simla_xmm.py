@@ -29,13 +29,13 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from vlp.build import build_run_method, build_tokenizer, checkpoint_dir, class_words_for
-from vlp.config import RunConfig, load_config
+from vlp.build import build_run_method, build_tokenizer, class_words_for
+from vlp.config import RunConfig
 from vlp.data.datasets import PairDataset, distinct_images
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.transforms import tensor_to_image
 from vlp.data.world import WorldSplit
-from vlp.figures.common import sample_batch, sample_key, world_sample, wrap_columns
+from vlp.figures.common import figure_config, sample_batch, sample_key, world_sample, wrap_columns
 from vlp.figures.cmal_prompt import _cmal_fonts, _hatch, _tint
 from vlp.methods import build_method
 from vlp.methods.simla import Simla, psl_targets
@@ -78,12 +78,7 @@ def build_simla_show(
     visual tokenizer (a run with MIM off, or one saved without it) gets one fitted as above, and the
     returned source says so. `split` / `index` / `caption` are checked before anything heavy is built.
     ValueError for a non-SIMLA config or an out-of-range split / index / caption."""
-    path = None
-    if checkpoint is not None:
-        path = checkpoint_dir(checkpoint)
-        cfg = load_config(path / "config.yaml", overrides)
-    else:
-        cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    cfg, path = figure_config(config, checkpoint, overrides)
     world, data = world_sample(cfg, Simla, "vlp show simla", checkpoint if checkpoint is not None else config, split, index,
                                caption, SIMLA_SHOW_CAPTIONS)
     if path is not None:

@@ -27,15 +27,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from vlp.build import build_run_method, build_tokenizer, checkpoint_dir, class_words_for
-from vlp.config import RunConfig, load_config
+from vlp.build import build_run_method, build_tokenizer, class_words_for
+from vlp.config import RunConfig
 from vlp.data import lexicon
 from vlp.data.datasets import collate
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.transforms import tensor_to_image
 from vlp.data.unpaired import UnpairedDataset, world_pretrain_dataset
 from vlp.figures.cmal_prompt import CMAL_ANCHOR_PALETTE, CMAL_PLAIN_RGB, _cmal_fonts, _label, _tint
-from vlp.figures.common import sample_key, world_sample, wrap_columns
+from vlp.figures.common import figure_config, sample_key, world_sample, wrap_columns
 from vlp.figures.simla_xmm import _chip, _upscaled
 from vlp.methods import build_method
 from vlp.methods.vlmixer import SALT_CMC, SALT_MLM, VLMixer, cross_modal_cutmix, grounded_concepts
@@ -75,12 +75,7 @@ def build_vlmixer_show(
                          f"unpaired streams (sentences of unpaired_text, images of unpaired_images), not on the "
                          f"{split} split: use --split train (the default) or unpaired_images; --index / --caption "
                          f"pick the sentence (text scene, caption)")
-    path = None
-    if checkpoint is not None:
-        path = checkpoint_dir(checkpoint)
-        cfg = load_config(path / "config.yaml", overrides)
-    else:
-        cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    cfg, path = figure_config(config, checkpoint, overrides)
     # the method / data.source checks (the image split's sample 0 exists in every world)
     world, _ = world_sample(cfg, VLMixer, "vlp show vlmixer", checkpoint if checkpoint is not None else config,
                             "unpaired_images", 0, 0, 1)
