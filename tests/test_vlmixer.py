@@ -286,7 +286,7 @@ def test_hard_negative_view_swaps_only_the_patches_for_other_concepts(world, tok
     batch = batch_of(world, tok, rows=8)
     regions = method.regions(batch)
     view = method.mixed_view(batch, regions)
-    hard, usable = method.hard_negative_view(batch, regions, view)
+    hard, usable = method.hard_negative_view(batch, view)
     assert usable.any() and torch.equal(hard.replaced, view.replaced & usable[:, None])
     assert torch.equal(hard.words, view.words)
     gallery = method.region_vectors(regions).flatten(0, 1)

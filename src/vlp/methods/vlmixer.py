@@ -181,6 +181,8 @@ class MixedView(NamedTuple):
     patches: Tensor
     patch_boxes: Tensor
     concepts: Optional[Tensor] = None  # (B, T) each token's concept, -1 none
+    gallery: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None  # the step's global gallery: vectors (K, d),
+    # labels (K,), real (K,) bool, boxes (K, 7), as CMC drew from it (the hard-negative view draws from it too)
 
 
 def wrong_concept_patches(concepts: Tensor, replaced: Tensor, gallery_labels: Tensor, gallery_mask: Tensor,
@@ -331,16 +333,14 @@ class VLMixer(RegionSingleStream, PretrainMethod):
         words = self.word_vectors(ids, attn)
         patches = gallery[patch.clamp(min=0)].to(words.dtype)  # (B, T, d)
         mixed = torch.where(replaced[..., None], patches, words)
-        return MixedView(mixed, words, replaced, concepts >= 0, patches, boxes[patch.clamp(min=0)], concepts)
+        return MixedView(mixed, words, replaced, concepts >= 0, patches, boxes[patch.clamp(min=0)], concepts,
+                         (gallery, labels, real, boxes))
 
-    def hard_negative_view(self, batch: Batch, regions: RegionInputs, view: MixedView) -> tuple[MixedView, Tensor]:
+    def hard_negative_view(self, batch: Batch, view: MixedView) -> tuple[MixedView, Tensor]:
         """The mixed view with each patch swapped for a patch of another concept (`wrong_concept_patches`, from
-        the same global gallery) -> (that view, (B,) bool rows where every replaced slot got a wrong patch
+        the gallery CMC drew from) -> (that view, (B,) bool rows where every replaced slot got a wrong patch
         and there is at least one: the rows the hard term scores)."""
-        gallery = all_gather_with_grad(self.region_vectors(regions)).flatten(0, 1)
-        labels = all_gather_no_grad(regions.labels).flatten()
-        real = all_gather_no_grad(regions.mask).flatten().bool()
-        boxes = all_gather_no_grad(regions.boxes).flatten(0, 1)
+        gallery, labels, real, boxes = view.gallery
         T = view.replaced.shape[1]
         wrong = wrong_concept_patches(view.concepts, view.replaced, labels, real,
                                       self._uniforms(batch, (T,), SALT_HARD))
@@ -432,7 +432,7 @@ class VLMixer(RegionSingleStream, PretrainMethod):
                 if w.cmcl != 0:
                     parts["cmcl"] = view_contrastive_loss(text_view, mixed_view, self.model.temperature())
                 if w.cmcl_hard != 0:
-                    hard, usable = self.hard_negative_view(batch, regions, view)
+                    hard, usable = self.hard_negative_view(batch, view)
                     hard_view = self.model.text_embed(self.encode_mixed(hard, ids, attn))
                     parts["cmcl_hard"], parts["cmcl_hard_acc"] = hard_view_loss(
                         text_view, mixed_view, hard_view, usable, self.model.temperature())
