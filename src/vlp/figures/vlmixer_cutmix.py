@@ -38,8 +38,8 @@ from vlp.figures.cmal_prompt import CMAL_ANCHOR_PALETTE, CMAL_PLAIN_RGB, _cmal_f
 from vlp.figures.common import figure_config, sample_key, world_sample, wrap_columns
 from vlp.figures.simla_xmm import _chip, _upscaled
 from vlp.methods import build_method
-from vlp.methods.vlmixer import SALT_CMC, SALT_MLM, VLMixer, cross_modal_cutmix, grounded_concepts
-from vlp.models.losses import IGNORE_INDEX, mask_tokens_at_least_one
+from vlp.methods.vlmixer import SALT_CMC, VLMixer, cross_modal_cutmix, grounded_concepts
+from vlp.models.losses import IGNORE_INDEX
 from vlp.models.model import VLModel
 from vlp.train.checkpoint import load_model_weights
 from vlp.train.sampler import StepSampler
@@ -300,10 +300,7 @@ def vlmixer_cutmix_view(
     has_patch, _ = cross_modal_cutmix(concepts, gallery_labels, gallery_mask, uniforms, 1.0)
 
     if mlm:
-        eligible = attn.bool() & ~mixed.replaced & ~torch.isin(ids, method.special_ids)
-        masked_ids, labels = mask_tokens_at_least_one(ids, eligible, method.special_ids, method.mask_id,
-                                                      method.vocab_size, method.cfg.mlm_prob,
-                                                      method._uniforms(batch, (T, 3), SALT_MLM))
+        masked_ids, labels = method.mlm_targets(batch, mixed)
         hidden = method.encode_mixed(mixed, masked_ids, attn)
         probs = torch.softmax(method.model.mlm_logits(hidden[b]).float(), dim=-1)  # (T, V)
         top_prob, top_id = probs.max(dim=-1)

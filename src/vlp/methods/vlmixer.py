@@ -351,6 +351,19 @@ class VLMixer(RegionSingleStream, PretrainMethod):
         return view._replace(slots=slots, replaced=replaced, patches=patches,
                              patch_boxes=boxes[wrong.clamp(min=0)]), usable
 
+    def mlm_targets(self, batch: Batch, view: MixedView) -> tuple[Tensor, Tensor]:
+        """MLM on the mixed view -> (masked ids (B, T), labels (B, T), -100 = not a target): 15 % of the
+        remaining text tokens (80/10/10, at least one per row); replaced slots are never masked and, unless
+        `cmc_hole_targets`, never targets."""
+        ids, attn = batch.input_ids, batch.attention_mask
+        eligible = attn.bool() & ~view.replaced & ~torch.isin(ids, self.special_ids)
+        masked_ids, labels = mask_tokens_at_least_one(
+            ids, eligible, self.special_ids, self.mask_id, self.vocab_size, self.cfg.mlm_prob,
+            self._uniforms(batch, (ids.shape[1], 3), SALT_MLM))
+        if self.cfg.cmc_hole_targets:  # the holes' words, predicted from the region slots
+            labels = torch.where(view.replaced, ids, labels)
+        return masked_ids, labels
+
     def encode_mixed(self, view: MixedView, ids: Tensor, attn: Tensor) -> Tensor:
         """The mixed view (`ids` (B, T): the sentence, possibly MLM-masked) through the encoder -> text states
         (B, T, d). `inline`: the patches sit in their words' slots (type 1 there); `regions`: those slots read
@@ -437,12 +450,7 @@ class VLMixer(RegionSingleStream, PretrainMethod):
                     parts["cmcl_hard"], parts["cmcl_hard_acc"] = hard_view_loss(
                         text_view, mixed_view, hard_view, usable, self.model.temperature())
             if w.mlm != 0:
-                eligible = attn.bool() & ~replaced & ~torch.isin(ids, self.special_ids)
-                masked_ids, labels = mask_tokens_at_least_one(
-                    ids, eligible, self.special_ids, self.mask_id, self.vocab_size, self.cfg.mlm_prob,
-                    self._uniforms(batch, (ids.shape[1], 3), SALT_MLM))
-                if self.cfg.cmc_hole_targets:  # the holes' words, predicted from the region slots
-                    labels = torch.where(replaced, ids, labels)
+                masked_ids, labels = self.mlm_targets(batch, view)
                 hidden = self.encode_mixed(view, masked_ids, attn)
                 selected = labels != IGNORE_INDEX
                 logits = self.model.mlm_logits(hidden[selected])
