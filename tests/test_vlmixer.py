@@ -294,6 +294,13 @@ def test_hard_negative_view_swaps_only_the_patches_for_other_concepts(world, tok
     for b, t in hard.replaced.nonzero().tolist():
         match = (gallery - hard.patches[b, t]).abs().amax(-1) < 1e-6
         assert match.any() and (labels[match] != view.concepts[b, t] + 1).all()
+    for v in (view, hard):  # patch_index: the gallery region whose vector and box each replaced slot holds
+        assert torch.equal(v.patch_index >= 0, v.replaced)
+        k = v.patch_index[v.replaced]
+        assert torch.allclose(v.patches[v.replaced], gallery[k], atol=1e-6)
+        assert torch.equal(v.patch_boxes[v.replaced], regions.boxes.flatten(0, 1)[k])
+        assert torch.equal(v.slots, torch.where(v.replaced[..., None], v.patches, v.words))
+    assert (labels[view.patch_index[view.replaced]] == view.concepts[view.replaced] + 1).all()
     out = method(batch)
     assert "cmcl_hard" in out and "cmcl" not in out and 0.0 <= float(out["cmcl_hard_acc"]) <= 1.0
     out["loss"].backward()

@@ -38,7 +38,7 @@ from vlp.figures.cmal_prompt import CMAL_ANCHOR_PALETTE, CMAL_PLAIN_RGB, _cmal_f
 from vlp.figures.common import figure_config, sample_key, world_sample, wrap_columns
 from vlp.figures.simla_xmm import _chip, _upscaled
 from vlp.methods import build_method
-from vlp.methods.vlmixer import SALT_CMC, VLMixer, cross_modal_cutmix, grounded_concepts
+from vlp.methods.vlmixer import SALT_CMC, VLMixer, cross_modal_cutmix
 from vlp.models.losses import IGNORE_INDEX
 from vlp.models.model import VLModel
 from vlp.train.checkpoint import load_model_weights
@@ -265,11 +265,10 @@ def vlmixer_cutmix_view(
     that feeds it (`step_batch` with `seed`, `batch_size`, `grad_accum`), as plain data, computed with the
     training code path.
 
-    `method.regions` and `method.mixed_view` give the replaced (B, T) and grounded (B, T) slots; which gallery
-    region each replaced slot holds is `cross_modal_cutmix` run on the same inputs as `mixed_view` (the
-    concepts of `grounded_concepts`, the flattened gallery labels (B*N,) and mask, `method._uniforms(batch,
-    (T, 2), SALT_CMC)`, `cfg.cmc_ratio`), checked against `mixed_view` (RuntimeError if they disagree: a bug);
-    running it again with ratio 1 tells "kept by the ratio draw" from "no patch of the concept". With `mlm`,
+    `method.regions` and `method.mixed_view` give the replaced (B, T) and grounded (B, T) slots and the
+    gallery region each replaced slot holds (`patch_index`); `cross_modal_cutmix` on the same draws
+    (`method._uniforms(batch, (T, 2), SALT_CMC)`) at ratio 1 tells "kept by the ratio draw" from "no patch
+    of the concept". With `mlm`,
     MLM on the mixed view as `VLMixer.forward` runs it (`mask_tokens_at_least_one` with salt `SALT_MLM`,
     `encode_mixed`, `model.mlm_logits`): the top-1 piece at each target. The method should be in eval mode.
     ValueError for an index / caption outside the text stream."""
@@ -286,17 +285,12 @@ def vlmixer_cutmix_view(
     regions = method.regions(batch)
     mixed = method.mixed_view(batch, regions)
 
-    # which patch: CMC on the same inputs as mixed_view (one process: the gather is the identity)
+    # which patch: the gallery index mixed_view drew (one process: the gathered gallery is the micro-batch's
+    # regions, flattened (B*N,)); "kept by the ratio draw" vs "no patch of its concept": CMC again at ratio 1
     N = regions.labels.shape[1]
     gallery_labels, gallery_mask = regions.labels.flatten(), regions.mask.flatten().bool()  # (B*N,)
-    concepts = grounded_concepts(ids, attn, method.concept_table)  # (B, T)
-    uniforms = method._uniforms(batch, (T, 2), SALT_CMC)  # (B, T, 2)
-    replaced, patch = cross_modal_cutmix(concepts, gallery_labels, gallery_mask, uniforms, method.cfg.cmc_ratio)
-    if not torch.equal(replaced, mixed.replaced) or not torch.equal(concepts >= 0, mixed.grounded):
-        raise RuntimeError("cross_modal_cutmix on the step's gallery disagrees with VLMixer.mixed_view")
-    flat_boxes = regions.boxes.flatten(0, 1)  # (B*N, 7)
-    if replaced.any() and not torch.allclose(flat_boxes[patch[replaced]], mixed.patch_boxes[replaced]):
-        raise RuntimeError("the drawn patches' boxes disagree with VLMixer.mixed_view's patch_boxes")
+    concepts, replaced, patch = mixed.concepts, mixed.replaced, mixed.patch_index  # (B, T) each
+    uniforms = method._uniforms(batch, (T, 2), SALT_CMC)  # (B, T, 2), as mixed_view drew them
     has_patch, _ = cross_modal_cutmix(concepts, gallery_labels, gallery_mask, uniforms, 1.0)
 
     if mlm:

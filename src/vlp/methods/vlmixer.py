@@ -169,20 +169,25 @@ def hard_view_loss(text_view: Tensor, mixed_view: Tensor, hard_view: Tensor, usa
 
 
 class MixedView(NamedTuple):
-    """A batch's sentences after CMC: slots (B, T, d) the mixed view's slot vectors (inline layout: the patch
-    in a replaced slot), words (B, T, d) the plain word vectors, replaced (B, T) bool the slots holding a patch,
-    grounded (B, T) bool the tokens naming a concept, patches (B, T, d) and patch_boxes (B, T, 7) each slot's
-    patch vector and its box in its source image (meaningful where replaced)."""
+    """A batch's sentences after CMC: words (B, T, d) the plain word vectors, replaced (B, T) bool the slots
+    holding a patch, grounded (B, T) bool the tokens naming a concept, patches (B, T, d) and patch_boxes
+    (B, T, 7) each slot's patch vector and its box in its source image (meaningful where replaced),
+    patch_index (B, T) long the patch's index in the gallery (-1 where not replaced); `slots` (B, T, d) the
+    mixed view's slot vectors in the inline layout (the patch in a replaced slot, else the word)."""
 
-    slots: Tensor
     words: Tensor
     replaced: Tensor
     grounded: Tensor
     patches: Tensor
     patch_boxes: Tensor
+    patch_index: Tensor
     concepts: Optional[Tensor] = None  # (B, T) each token's concept, -1 none
     gallery: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None  # the step's global gallery: vectors (K, d),
     # labels (K,), real (K,) bool, boxes (K, 7), as CMC drew from it (the hard-negative view draws from it too)
+
+    @property
+    def slots(self) -> Tensor:
+        return torch.where(self.replaced[..., None], self.patches, self.words)
 
 
 def wrong_concept_patches(concepts: Tensor, replaced: Tensor, gallery_labels: Tensor, gallery_mask: Tensor,
@@ -332,8 +337,7 @@ class VLMixer(RegionSingleStream, PretrainMethod):
                                              self.cfg.cmc_ratio)
         words = self.word_vectors(ids, attn)
         patches = gallery[patch.clamp(min=0)].to(words.dtype)  # (B, T, d)
-        mixed = torch.where(replaced[..., None], patches, words)
-        return MixedView(mixed, words, replaced, concepts >= 0, patches, boxes[patch.clamp(min=0)], concepts,
+        return MixedView(words, replaced, concepts >= 0, patches, boxes[patch.clamp(min=0)], patch, concepts,
                          (gallery, labels, real, boxes))
 
     def hard_negative_view(self, batch: Batch, view: MixedView) -> tuple[MixedView, Tensor]:
@@ -347,9 +351,8 @@ class VLMixer(RegionSingleStream, PretrainMethod):
         usable = view.replaced.any(dim=1) & ((wrong >= 0) | ~view.replaced).all(dim=1)
         replaced = view.replaced & usable[:, None]
         patches = gallery[wrong.clamp(min=0)].to(view.words.dtype)
-        slots = torch.where(replaced[..., None], patches, view.words)
-        return view._replace(slots=slots, replaced=replaced, patches=patches,
-                             patch_boxes=boxes[wrong.clamp(min=0)]), usable
+        return view._replace(replaced=replaced, patches=patches, patch_boxes=boxes[wrong.clamp(min=0)],
+                             patch_index=torch.where(replaced, wrong, torch.full_like(wrong, -1))), usable
 
     def mlm_targets(self, batch: Batch, view: MixedView) -> tuple[Tensor, Tensor]:
         """MLM on the mixed view -> (masked ids (B, T), labels (B, T), -100 = not a target): 15 % of the
@@ -369,7 +372,7 @@ class VLMixer(RegionSingleStream, PretrainMethod):
         (B, T, d). `inline`: the patches sit in their words' slots (type 1 there); `regions`: those slots read
         [MASK] and the patches follow the text as region slots with their boxes (`compact_patches`)."""
         if self.cfg.cmc_layout == "inline":
-            slots = torch.where(view.replaced[..., None], view.slots, self.word_vectors(ids, attn))
+            slots = torch.where(view.replaced[..., None], view.patches, self.word_vectors(ids, attn))
             return self.encode_text_slots(slots, attn, view.replaced)
         holes = ids.masked_fill(view.replaced, self.mask_id)
         vecs, boxes, mask = compact_patches(view.replaced, view.patches, view.patch_boxes)
