@@ -1,8 +1,8 @@
 """Worker of tests/test_method_contract.py: one training step of a registered method at the contract size.
 
-`python contract_worker.py NAME OUT_DIR` (alone, or under torchrun with 2 processes) trains method NAME for
-one step on the same global batch (8 rows of a 32 px world) and writes rank 0's logged step record to
-OUT_DIR/rank0.json.
+`python contract_worker.py OUT_DIR NAME [NAME ...]` (alone, or under torchrun with 2 processes) trains each
+method NAME for one step on the same global batch (8 rows of a 32 px world) and writes rank 0's logged step
+record to OUT_DIR/NAME/rank0.json (one launch for every method: process start-up is most of the cost).
 """
 
 from __future__ import annotations
@@ -24,16 +24,17 @@ from vlp.train.loop import Trainer
 
 
 def main() -> None:
-    name, out = sys.argv[1], Path(sys.argv[2])
+    out, names = Path(sys.argv[1]), sys.argv[2:]
     torch.set_num_threads(1)
     world = World(seed=1, image_size=32, sizes={"train": 40, "val": 8, "test": 8})
     tok = TextTokenizer.train_on_world(world, vocab_size=500, num_scenes=30)
     with distributed_session(device="cpu"):
-        cfg, method = build(name, tok, steps=1)
-        data = PairDataset(world.split("train"), tok, 40, max_words=40)
-        records = Trainer(cfg, method, data, collate, out / "run").fit()
-        if rank() == 0:
-            (out / "rank0.json").write_text(json.dumps(records[0]))
+        for name in names:
+            cfg, method = build(name, tok, steps=1)
+            data = PairDataset(world.split("train"), tok, 40, max_words=40)
+            records = Trainer(cfg, method, data, collate, out / name / "run").fit()
+            if rank() == 0:
+                (out / name / "rank0.json").write_text(json.dumps(records[0]))
 
 
 if __name__ == "__main__":

@@ -212,27 +212,35 @@ def test_save_load_round_trip(name, world, tok, tmp_path):
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
 
 
-def _launch_worker(out: Path, name: str, nproc: int) -> dict:
+def _launch_worker(out: Path, names: list[str], nproc: int) -> dict[str, dict]:
+    """One launch (1 process, or torchrun with `nproc`) of contract_worker.py for every method in `names`
+    -> rank 0's step record of each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), str(WORKER.parent), env.get("PYTHONPATH")) if p)
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, *launcher, str(WORKER), name, str(out)], env=env, cwd=out,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, *launcher, str(WORKER), str(out), *names], env=env, cwd=out,
+                          capture_output=True, text=True, timeout=240 + 60 * len(names))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((out / "rank0.json").read_text())
+    return {name: json.loads((out / name / "rank0.json").read_text()) for name in names}
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(tmp_path_factory) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Step 1 of every method, alone and split over 2 gloo processes (two launches for all methods)."""
+    root = tmp_path_factory.mktemp("rank_parts")
+    return _launch_worker(root / "one", NAMES, 1), _launch_worker(root / "two", NAMES, 2)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 @pytest.mark.parametrize("name", NAMES)
-def test_rank_independent_parts_agree_between_two_processes_and_one(name, tmp_path):
+def test_rank_independent_parts_agree_between_two_processes_and_one(name, one_and_two_processes):
     """Step 1 (identical weights) of the same global batch: the parts the method declares rank-independent
     are equal (float tolerance) whether the batch is split over 2 gloo processes or not."""
-    one = _launch_worker(tmp_path / "one", name, 1)
-    two = _launch_worker(tmp_path / "two", name, 2)
+    one, two = (runs[name] for runs in one_and_two_processes)
     for key in METHODS[name].rank_independent_parts:
         assert key in one, f"{name} declares {key} rank-independent but does not log it"
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), (key, two[key], one[key])
