@@ -114,10 +114,14 @@ def _own_cwd(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matmuls on a shared 2-core box run much faster single-threaded: a module opts in with
-    `pytestmark = pytest.mark.usefixtures("one_thread")`; the thread count is restored afterwards."""
+    `pytestmark = pytest.mark.usefixtures("one_thread")`; the thread count is restored afterwards. A Trainer
+    built in the test (`train.threads: 0` = auto from the cores) sees one core too: otherwise it sets two
+    threads, and on a busy 2-core host a contract test's step then took ~50x longer (OpenMP waits)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("vlp.train.cpu.available_cores", lambda: 1)
+        yield
     torch.set_num_threads(before)
 
 

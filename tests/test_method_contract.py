@@ -128,38 +128,47 @@ def test_forward_loss_parts_and_gradients(name, world, tok):
     assert not always_unused, f"{name}: trainable parameters never reached: {sorted(always_unused)[:8]}"
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_ten_steps_resume_ten_equal_twenty(name, world, tok, tmp_path):
-    data = PairDataset(world.split("train"), tok, 40, max_words=40)
+def train_or_crash(name: str, tok, data, out: Path, steps: int, resume: bool = False,
+                   crash_at_step: int = 0) -> tuple[list[dict], PretrainMethod]:
+    """`steps` steps of method `name` on `data` into `out` (checkpoint every steps // 2), resumed from `out`
+    with `resume`; with `crash_at_step` the process "dies" in that step (RuntimeError "simulated crash")."""
+    cfg, method = build(name, tok, steps=steps, ckpt_every=steps // 2)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out / "tok.json")
+    if crash_at_step:
+        forward, calls = method.forward, []
 
-    def run(out: Path, resume: bool = False, crash_at_step: int = 0) -> tuple[list[dict], PretrainMethod]:
-        cfg, method = build(name, tok, steps=20, ckpt_every=10)
-        out.mkdir(parents=True, exist_ok=True)
-        tok.save(out / "tok.json")
-        if crash_at_step:  # the process dies in step `crash_at_step`, after the step-10 checkpoint
-            forward, calls = method.forward, []
+        def dying(batch):
+            calls.append(1)
+            if len(calls) == crash_at_step:
+                raise RuntimeError("simulated crash")
+            return forward(batch)
 
-            def dying(batch):
-                calls.append(1)
-                if len(calls) == crash_at_step:
-                    raise RuntimeError("simulated crash")
-                return forward(batch)
+        method.forward = dying
+    trainer = Trainer(cfg, method, data, collate, out, tokenizer_json=out / "tok.json")
+    return trainer.fit(resume=out if resume else None), method
 
-            method.forward = dying
-        trainer = Trainer(cfg, method, data, collate, out, tokenizer_json=out / "tok.json")
-        return trainer.fit(resume=out if resume else None), method
 
-    straight, a = run(tmp_path / "straight")
+def assert_resume_is_exact(name: str, tok, data, tmp_path: Path, steps: int) -> None:
+    """`steps` straight equal steps // 2, a crash in the next step, and a resume: the same losses after the
+    checkpoint and bit-identical final weights; the training moved."""
+    half = steps // 2
+    straight, a = train_or_crash(name, tok, data, tmp_path / "straight", steps)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(tmp_path / "resumed", crash_at_step=11)
-    second, b = run(tmp_path / "resumed", resume=True)
-    assert [r["step"] for r in second] == list(range(11, 21))
-    for x, y in zip(straight[10:], second):
+        train_or_crash(name, tok, data, tmp_path / "resumed", steps, crash_at_step=half + 1)
+    second, b = train_or_crash(name, tok, data, tmp_path / "resumed", steps, resume=True)
+    assert [r["step"] for r in second] == list(range(half + 1, steps + 1))
+    for x, y in zip(straight[half:], second):
         assert x["loss"] == y["loss"], (x["step"], x["loss"], y["loss"])
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa), [k for k in sa if not torch.equal(sa[k], sb[k])][:5]
     assert straight[-1]["loss"] != straight[0]["loss"]  # training moved
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ten_steps_resume_ten_equal_twenty(name, world, tok, tmp_path):
+    assert_resume_is_exact(name, tok, PairDataset(world.split("train"), tok, 40, max_words=40), tmp_path, 20)
 
 
 @pytest.mark.parametrize("name", NAMES)

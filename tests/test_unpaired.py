@@ -24,6 +24,8 @@ from vlp.data.unpaired import (
 from vlp.methods import METHODS
 from vlp.types import Batch
 
+from test_method_contract import assert_resume_is_exact
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 D = 8  # feature dim of the npz fixtures
@@ -95,6 +97,13 @@ def test_items_collate_into_a_batch_and_are_deterministic(unpaired, world, tok):
     assert again["caption"] == items[3]["caption"] and torch.equal(again["image"], items[3]["image"])
     assert torch.equal(again["input_ids"], items[3]["input_ids"])
     assert torch.equal(again["region_boxes"], items[3]["region_boxes"])
+
+
+@pytest.mark.slow
+def test_vlmixer_on_the_world_streams_resumes_step_exactly(unpaired, tok, tmp_path):
+    """The trainer draws from both unpaired streams with step-exact resume: 8 steps straight equal 4 steps, a
+    crash in step 5 and a resume (same losses, bit-identical weights)."""
+    assert_resume_is_exact("vlmixer", tok, unpaired, tmp_path, 8)
 
 
 def test_text_only_split_cannot_be_the_image_stream(world, tok):
