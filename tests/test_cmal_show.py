@@ -19,13 +19,12 @@ from PIL import Image
 from vlp import api
 from vlp.figures import cmal_prompt
 from vlp.cli.main import main
-from vlp.config import dump_config
 from vlp.data.datasets import PairDataset, collate
 from vlp.methods.cmal import SALT_FALLBACK, SALT_PARTNER, SALT_REGION, SALT_TEXT, anchor_mask
 from vlp.models.anchors import build_lexicon, detect_anchors, sample_partner
 from vlp.models.losses import IGNORE_INDEX
 from vlp.models.rng import keyed_uniform
-from vlp.train.checkpoint import save_model_weights
+from vlp.train.checkpoint import save_checkpoint
 from vlp.figures.cmal_prompt import CmalPromptRegion, CmalPromptToken, CmalPromptView, plot_cmal_prompt
 
 # cmal_tiny on a 60-image train split: same scenes as the full config (samples are a pure function of
@@ -191,11 +190,8 @@ def test_cli_writes_png(tmp_path, capsys):
 
 
 def test_cli_from_checkpoint_directory(built, tmp_path, capsys):
-    ckpt = tmp_path / "run" / "checkpoint"
-    ckpt.mkdir(parents=True)
-    (ckpt / "config.yaml").write_text(dump_config(built.cfg))
-    built.tok.save(ckpt / "tokenizer.json")
-    save_model_weights(built.method, ckpt / "model.safetensors")
+    built.tok.save(tmp_path / "tokenizer.json")
+    save_checkpoint(tmp_path / "run", built.method, step=0, config=built.cfg, tokenizer_json=tmp_path / "tokenizer.json")
     out = tmp_path / "from_ckpt.png"
     assert main(["show", "cmal", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
     assert out.is_file() and Image.open(out).size[1] >= 256

@@ -20,14 +20,13 @@ from PIL import Image
 
 from vlp import api
 from vlp.cli.main import main
-from vlp.config import dump_config
 from vlp.data.datasets import collate
 from vlp.data.transforms import tensor_to_image
 from vlp.data.unpaired import UnpairedDataset
 from vlp.figures import vlmixer_cutmix
 from vlp.figures.vlmixer_cutmix import _fit, plot_vlmixer_cutmix, vlmixer_cutmix_view
 from vlp.seeds import epoch_seed
-from vlp.train.checkpoint import save_model_weights
+from vlp.train.checkpoint import save_checkpoint
 
 # vlmixer_tiny with a 60-image train split: the tokenizer learns on 60 scenes (fast); the unpaired streams
 # (20000 images, 20000 x 5 sentences) and the method are the full config's.
@@ -186,11 +185,8 @@ def test_cli_writes_the_api_figure(built, tmp_path, capsys):
 
 
 def test_cli_from_checkpoint_adds_mlm_on_the_mixed_view(built, tmp_path, capsys):
-    ckpt = tmp_path / "run" / "checkpoint"
-    ckpt.mkdir(parents=True)
-    (ckpt / "config.yaml").write_text(dump_config(built.cfg))
-    built.tok.save(ckpt / "tokenizer.json")
-    save_model_weights(built.method, ckpt / "model.safetensors")
+    built.tok.save(tmp_path / "tokenizer.json")
+    save_checkpoint(tmp_path / "run", built.method, step=0, config=built.cfg, tokenizer_json=tmp_path / "tokenizer.json")
     _, _, method, dataset = vlmixer_cutmix.build_vlmixer_show(None, tmp_path / "run", None, "train", 0, 4)
     expected = built.method.state_dict()
     for key, value in method.state_dict().items():  # the full method: model, region embedding and head
