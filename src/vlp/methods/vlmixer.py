@@ -170,20 +170,24 @@ def hard_view_loss(text_view: Tensor, mixed_view: Tensor, hard_view: Tensor, usa
 
 class MixedView(NamedTuple):
     """A batch's sentences after CMC: words (B, T, d) the plain word vectors, replaced (B, T) bool the slots
-    holding a patch, grounded (B, T) bool the tokens naming a concept, patches (B, T, d) and patch_boxes
-    (B, T, 7) each slot's patch vector and its box in its source image (meaningful where replaced),
-    patch_index (B, T) long the patch's index in the gallery (-1 where not replaced); `slots` (B, T, d) the
+    holding a patch, patches (B, T, d) and patch_boxes (B, T, 7) each slot's patch vector and its box in its
+    source image (meaningful where replaced), patch_index (B, T) long the patch's index in the gallery (-1
+    where not replaced), concepts (B, T) each token's concept (-1 none), gallery the step's global gallery
+    as CMC drew from it (the hard-negative view draws from it too): vectors (K, d), labels (K,), real (K,)
+    bool, boxes (K, 7). Derived: `grounded` (B, T) bool the tokens naming a concept, `slots` (B, T, d) the
     mixed view's slot vectors in the inline layout (the patch in a replaced slot, else the word)."""
 
     words: Tensor
     replaced: Tensor
-    grounded: Tensor
     patches: Tensor
     patch_boxes: Tensor
     patch_index: Tensor
-    concepts: Optional[Tensor] = None  # (B, T) each token's concept, -1 none
-    gallery: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None  # the step's global gallery: vectors (K, d),
-    # labels (K,), real (K,) bool, boxes (K, 7), as CMC drew from it (the hard-negative view draws from it too)
+    concepts: Tensor
+    gallery: tuple[Tensor, Tensor, Tensor, Tensor]
+
+    @property
+    def grounded(self) -> Tensor:
+        return self.concepts >= 0
 
     @property
     def slots(self) -> Tensor:
@@ -337,7 +341,7 @@ class VLMixer(RegionSingleStream, PretrainMethod):
                                              self.cfg.cmc_ratio)
         words = self.word_vectors(ids, attn)
         patches = gallery[patch.clamp(min=0)].to(words.dtype)  # (B, T, d)
-        return MixedView(words, replaced, concepts >= 0, patches, boxes[patch.clamp(min=0)], patch, concepts,
+        return MixedView(words, replaced, patches, boxes[patch.clamp(min=0)], patch, concepts,
                          (gallery, labels, real, boxes))
 
     def hard_negative_view(self, batch: Batch, view: MixedView) -> tuple[MixedView, Tensor]:
